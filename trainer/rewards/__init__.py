@@ -1,0 +1,1 @@
+"""Outcome verifiers: math answer equivalence and sandboxed code execution."""
