@@ -1,2 +1,19 @@
 """Fused lm_head kernels: per-token log-probs, entropy, PPO and implicit-PRM losses without [tokens x vocab] logits."""
-from fastprime.kernels.aggregation import AGGREGATION_MODES, aggregation_weights  # noqa: F401
+
+from fastprime.kernels.linear_logprobs import (
+    LogprobsEntropy,
+    linear_logprobs,
+    logprobs_backward,
+    logprobs_forward,
+    resolve_impl,
+)
+from fastprime.kernels.reference import linear_logprobs_reference
+
+__all__ = [
+    "LogprobsEntropy",
+    "linear_logprobs",
+    "linear_logprobs_reference",
+    "logprobs_backward",
+    "logprobs_forward",
+    "resolve_impl",
+]

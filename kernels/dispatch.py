@@ -1,0 +1,81 @@
+"""Choosing an implementation of the fused log-prob core, and checking its inputs."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from torch import Tensor
+
+IMPLS = ("reference", "chunked", "triton")
+IMPL_ENV = "FASTPRIME_KERNEL_IMPL"
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def resolve_impl(impl: str, hidden: Tensor) -> str:
+    """'auto' -> env FASTPRIME_KERNEL_IMPL if set, else 'triton' on CUDA and 'chunked' otherwise.
+
+    An explicit impl ('reference', 'chunked', 'triton') is returned unchanged; anything else is a ValueError.
+    """
+    if impl == "auto":
+        impl = os.environ.get(IMPL_ENV, "").strip() or ("triton" if hidden.is_cuda else "chunked")
+        if impl not in IMPLS:
+            raise ValueError(f"{IMPL_ENV}={impl!r} is not one of {IMPLS}")
+        return impl
+    if impl not in IMPLS:
+        raise ValueError(f"impl={impl!r} is not one of {IMPLS + ('auto',)}")
+    return impl
+
+
+def check_inputs(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    bias: Tensor | None,
+    *,
+    temperature: float,
+    ignore_index: int,
+    impl: str,
+) -> None:
+    """ValueError naming the offending value unless hidden [..., D], weight [V, D], targets [...] integer
+    in [0, V) or == ignore_index, bias [V] or None, temperature finite and > 0, all on one device.
+    Checking target range reads one bool back from the device (a sync); it is the price of a clear error
+    instead of an out-of-bounds read in a kernel."""
+    if hidden.dim() < 1:
+        raise ValueError("hidden must have shape [..., D], got a 0-d tensor")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must have shape [V, D], got {tuple(weight.shape)}")
+    if hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"hidden [..., D={hidden.shape[-1]}] and weight [V, D={weight.shape[1]}] disagree on D"
+        )
+    if weight.shape[0] == 0:
+        raise ValueError("weight has V=0 rows: the vocabulary is empty")
+    if targets.shape != hidden.shape[:-1]:
+        raise ValueError(
+            f"targets shape {tuple(targets.shape)} must equal hidden's leading dims {tuple(hidden.shape[:-1])}"
+        )
+    if targets.dtype.is_floating_point or targets.dtype == torch.bool or targets.is_complex():
+        raise ValueError(f"targets must be an integer tensor, got {targets.dtype}")
+    for name, t in (("hidden", hidden), ("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{name} dtype {t.dtype} is not one of {FLOAT_DTYPES}")
+    if hidden.dtype != weight.dtype:
+        raise ValueError(f"hidden dtype {hidden.dtype} and weight dtype {weight.dtype} must match")
+    if impl == "triton" and hidden.dtype == torch.float64:
+        raise ValueError("impl='triton' does not take float64 inputs; use impl='chunked' or 'reference'")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"bias shape {tuple(bias.shape)} must be (V,) = ({weight.shape[0]},)")
+    devices = {t.device for t in (hidden, weight, targets, bias) if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if targets.numel() > 0:
+        bad = (targets != ignore_index) & ((targets < 0) | (targets >= weight.shape[0]))
+        if bool(bad.any()):
+            first = targets[bad].flatten()[0].item()
+            raise ValueError(
+                f"targets must be in [0, V={weight.shape[0]}) or ignore_index={ignore_index}, found {first}"
+            )

@@ -1,0 +1,178 @@
+"""Plain-PyTorch log-probs of a linear head: the eager fp32 reference and the chunked path.
+
+Math (T = temperature, all in fp32; fp64 inputs compute in fp64 so that `gradcheck` can run):
+    z = (h W^T + b) / T      p = softmax(z)      lse = logsumexp(z)
+    logp_t = z[target] - lse                     H = lse - sum_j p_j z_j
+Backward, with g = dL/dlogp_t and e = dL/dH per row:
+    G = g (onehot(target) - p) - e p (z - sum_j p_j z_j)
+    dh = G W / T      dW = G^T h / T      db = sum_rows G / T
+
+`linear_logprobs_reference` materialises the [N, V] logits and lets autograd differentiate it: it is the
+specification. `chunked_logprobs_forward` / `chunked_logprobs_backward` never hold more than one chunk of
+rows x V logits (the chunk is sized by a token budget) and save only O(N) state between the two: they are
+the CPU default and the fallback wherever Triton cannot run.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# Elements of one logits chunk (rows x V) in the chunked path: 2^23 fp32 = 32 MiB, a few such temporaries
+# live at once. Small enough for any CPU, large enough that the matmuls stay efficient.
+CHUNK_ELEMENTS = 1 << 23
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Logits are kept in fp32 (fp64 for fp64 inputs, used by gradcheck), whatever the input dtype."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def chunk_rows(n_vocab: int, *, chunk_elements: int = CHUNK_ELEMENTS) -> int:
+    """Rows per chunk so that rows x n_vocab stays within `chunk_elements` (at least one row)."""
+    return max(1, chunk_elements // max(1, n_vocab))
+
+
+def linear_logprobs_reference(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    *,
+    bias: Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+) -> tuple[Tensor, Tensor]:
+    """Eager reference. hidden [..., D], weight [V, D], targets [...], bias [V] -> (logp [...], entropy [...]).
+
+    Exactly `z = (hidden.float() @ weight.float().T + bias) / temperature`,
+    `logp = log_softmax(z)[target]`, `entropy = -(softmax(z) * log_softmax(z)).sum(-1)`, both fp32 and 0
+    where `targets == ignore_index`. Materialises the [..., V] logits; differentiable by autograd.
+    """
+    dt = compute_dtype(hidden.dtype)
+    z = hidden.to(dt) @ weight.to(dt).T
+    if bias is not None:
+        z = z + bias.to(dt)
+    z = z / temperature
+    logprobs = torch.log_softmax(z, dim=-1)
+    keep = targets != ignore_index
+    safe_targets = torch.where(keep, targets, 0)
+    logp = logprobs.gather(-1, safe_targets.unsqueeze(-1)).squeeze(-1)
+    entropy = -(logprobs.exp() * logprobs).sum(-1)
+    zero = torch.zeros((), dtype=dt, device=hidden.device)
+    return torch.where(keep, logp, zero), torch.where(keep, entropy, zero)
+
+
+def _chunk_logits(h: Tensor, weight_c: Tensor, bias_c: Tensor | None, temperature: float) -> Tensor:
+    """[rows, D] -> tempered logits [rows, V] in weight_c's (compute) dtype."""
+    z = h.to(weight_c.dtype) @ weight_c.T
+    if bias_c is not None:
+        z += bias_c
+    return z.div_(temperature)
+
+
+def chunked_logprobs_forward(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    bias: Tensor | None,
+    *,
+    temperature: float,
+    ignore_index: int,
+    need_entropy: bool,
+    chunk_elements: int = CHUNK_ELEMENTS,
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """hidden [N, D], weight [V, D], targets [N], bias [V] or None -> (logp [N], entropy [N] or None, lse [N]).
+
+    All outputs fp32 (fp64 for fp64 inputs); ignored rows give logp = entropy = 0 (their lse is still the
+    real one). Holds one [rows, V] chunk of logits at a time.
+    """
+    n, v = hidden.shape[0], weight.shape[0]
+    dt = compute_dtype(hidden.dtype)
+    weight_c = weight.to(dt)
+    bias_c = None if bias is None else bias.to(dt)
+    keep = targets != ignore_index
+    safe_targets = torch.where(keep, targets, 0)
+    logp = torch.empty(n, dtype=dt, device=hidden.device)
+    lse = torch.empty(n, dtype=dt, device=hidden.device)
+    entropy = torch.empty(n, dtype=dt, device=hidden.device) if need_entropy else None
+    step = chunk_rows(v, chunk_elements=chunk_elements)
+    for start in range(0, n, step):
+        rows = slice(start, min(n, start + step))
+        z = _chunk_logits(hidden[rows], weight_c, bias_c, temperature)
+        lse_c = torch.logsumexp(z, dim=-1)
+        lse[rows] = lse_c
+        logp[rows] = z.gather(1, safe_targets[rows].unsqueeze(1)).squeeze(1) - lse_c
+        if entropy is not None:
+            # sum_j p_j z_j with p = exp(z - lse); exp into a fresh buffer, then reduce p * z in place.
+            p = torch.exp(z - lse_c.unsqueeze(1))
+            entropy[rows] = lse_c - p.mul_(z).sum(-1)
+    logp.masked_fill_(~keep, 0.0)
+    if entropy is not None:
+        entropy.masked_fill_(~keep, 0.0)
+    return logp, entropy, lse
+
+
+def chunked_logprobs_backward(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    bias: Tensor | None,
+    lse: Tensor,
+    entropy: Tensor | None,
+    grad_logp: Tensor,
+    grad_entropy: Tensor | None,
+    *,
+    temperature: float,
+    ignore_index: int,
+    needs_input_grad: tuple[bool, bool, bool],
+    chunk_elements: int = CHUNK_ELEMENTS,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients of the chunked forward. hidden [N, D], weight [V, D], targets [N], bias [V] or None,
+    lse [N], entropy [N] (needed when grad_entropy is given), grad_logp [N], grad_entropy [N] or None
+    -> (grad_hidden [N, D] in hidden.dtype, grad_weight [V, D] in weight.dtype, grad_bias [V] in bias.dtype),
+    each None where `needs_input_grad` is False. Recomputes one chunk of logits at a time, accumulates in fp32.
+    """
+    if grad_entropy is not None and entropy is None:
+        raise ValueError("grad_entropy was given but entropy is None: the forward must compute entropy")
+    n, v = hidden.shape[0], weight.shape[0]
+    need_h, need_w, need_b = needs_input_grad
+    need_b = need_b and bias is not None
+    dt = compute_dtype(hidden.dtype)
+    weight_c = weight.to(dt)
+    bias_c = None if bias is None else bias.to(dt)
+    keep = targets != ignore_index
+    safe_targets = torch.where(keep, targets, 0)
+    # Zeroing the row coefficients of ignored rows zeroes their whole row of G.
+    g = torch.where(keep, grad_logp.to(dt), 0.0)
+    e = None
+    if grad_entropy is not None:
+        e = torch.where(keep, grad_entropy.to(dt), 0.0)
+        mean_z = lse.to(dt) - entropy.to(dt)  # sum_j p_j z_j, from H = lse - sum p z
+    grad_h = torch.empty(n, weight.shape[1], dtype=dt, device=hidden.device) if need_h else None
+    grad_w = torch.zeros(v, weight.shape[1], dtype=dt, device=hidden.device) if need_w else None
+    grad_b = torch.zeros(v, dtype=dt, device=hidden.device) if need_b else None
+    step = chunk_rows(v, chunk_elements=chunk_elements)
+    for start in range(0, n, step):
+        rows = slice(start, min(n, start + step))
+        z = _chunk_logits(hidden[rows], weight_c, bias_c, temperature)
+        p = torch.exp(z - lse[rows].to(dt).unsqueeze(1))
+        g_c = g[rows].unsqueeze(1)
+        if e is not None:
+            # G = -g p - e p (z - E_p z), built in z's buffer; + g at the target column below.
+            z.sub_(mean_z[rows].unsqueeze(1)).mul_(e[rows].unsqueeze(1)).add_(g_c).mul_(p).neg_()
+            G = z
+        else:
+            G = p.mul_(g_c).neg_()
+        G.scatter_add_(1, safe_targets[rows].unsqueeze(1), g_c)
+        G.div_(temperature)
+        if grad_h is not None:
+            grad_h[rows] = G @ weight_c
+        if grad_w is not None:
+            grad_w.addmm_(G.T, hidden[rows].to(dt))
+        if grad_b is not None:
+            grad_b += G.sum(0)
+    return (
+        None if grad_h is None else grad_h.to(hidden.dtype),
+        None if grad_w is None else grad_w.to(weight.dtype),
+        None if grad_b is None else grad_b.to(bias.dtype),
+    )
