@@ -1,0 +1,126 @@
+"""PRIME's group-accuracy filter (prime.md step 3) and the buffer that carries surplus groups to the next step.
+
+A group is the K responses to one prompt, contiguous in the batch. A group is kept when its mean outcome score
+lies in [lo, hi] (inclusive): all-wrong and all-right groups carry no leave-one-out signal. The trainer keeps
+sampling prompts until B groups pass; groups that passed beyond B wait in a `RefillBuffer` and go first next
+iteration.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import deque
+from typing import Any
+
+from fastprime.trainer.masked_ops import check_group_size, check_vector
+from torch import Tensor
+
+# Group means are sums of a few fractions (e.g. 3/5 = 0.6 must pass hi = 0.6 although float32 rounds it up);
+# this tolerance makes the inclusive bounds hold for every mean that equals a bound up to rounding.
+_BOUND_TOL = 1e-6
+
+
+def group_filter_mask(
+    acc: Tensor,
+    *,
+    k: int,
+    lo: float = 0.2,
+    hi: float = 0.8,
+    truncated: Tensor | None = None,
+    drop_truncated: bool = False,
+) -> Tensor:
+    """Which groups to keep: `lo <= mean_k acc <= hi` (inclusive), and no truncated response if asked.
+
+    Args:
+        acc: [n] outcome scores in [0, 1], n = B * K, groups contiguous.
+        k: samples per prompt (K).
+        lo, hi: inclusive bounds on the group mean (tolerance 1e-6 for rounding).
+        truncated: [n] bool, True where the response hit the length limit (no EOS).
+        drop_truncated: also drop every group that holds a truncated response (needs `truncated`).
+
+    Returns:
+        keep: [n // k] bool, one entry per group. Equivalent to
+        `(lo <= acc.view(-1, k).mean(1) <= hi) & ~truncated.view(-1, k).any(1)`.
+    """
+    check_vector(acc, "acc")
+    check_group_size(acc.shape[0], k)
+    if not (0.0 <= lo <= hi <= 1.0):
+        raise ValueError(f"filter bounds must satisfy 0 <= lo <= hi <= 1, got lo = {lo}, hi = {hi}")
+    mean = acc.double().view(-1, k).mean(dim=1)
+    keep = (mean >= lo - _BOUND_TOL) & (mean <= hi + _BOUND_TOL)
+    if drop_truncated:
+        if truncated is None:
+            raise ValueError("drop_truncated = True needs the `truncated` [n] bool tensor")
+        if not isinstance(truncated, Tensor) or truncated.shape != acc.shape:
+            got = tuple(truncated.shape) if isinstance(truncated, Tensor) else type(truncated).__name__
+            raise ValueError(f"truncated has shape {got}, expected {tuple(acc.shape)}")
+        keep &= ~truncated.bool().view(-1, k).any(dim=1)
+    return keep
+
+
+class RefillBuffer:
+    """First-in first-out store of groups that passed the filter beyond the batch size.
+
+    Groups are whatever picklable objects the trainer chooses (e.g. a dict of the prompt, its K responses and
+    scores). `take` returns the oldest first, so no passed group waits more than necessary. With `max_size`
+    the oldest groups are dropped (counted in `dropped`) once the buffer is full: a stale group was sampled by
+    an older policy, so bounding its age bounds how off-policy a batch can get.
+
+    Typical use per iteration::
+
+        groups = buffer.take(B)
+        while len(groups) < B:
+            passed = sample_and_filter()           # list of groups that passed
+            need = B - len(groups)
+            groups += passed[:need]
+            buffer.add(passed[need:])
+    """
+
+    def __init__(self, *, max_size: int | None = None) -> None:
+        if max_size is not None and (not isinstance(max_size, int) or max_size < 0):
+            raise ValueError(f"max_size = {max_size!r} must be None or an integer >= 0")
+        self.max_size = max_size
+        self.dropped = 0
+        self._groups: deque[Any] = deque()
+
+    def add(self, groups: list) -> None:
+        """Append groups (oldest first in `groups`) at the back of the queue."""
+        self._groups.extend(groups)
+        if self.max_size is not None:
+            while len(self._groups) > self.max_size:
+                self._groups.popleft()
+                self.dropped += 1
+
+    def take(self, batch_size: int) -> list:
+        """Remove and return up to `batch_size` of the oldest groups (fewer if the buffer holds fewer)."""
+        if not isinstance(batch_size, int) or batch_size < 0:
+            raise ValueError(f"batch_size = {batch_size!r} must be an integer >= 0")
+        count = min(batch_size, len(self._groups))
+        return [self._groups.popleft() for _ in range(count)]
+
+    def __len__(self) -> int:
+        return len(self._groups)
+
+    def state_dict(self) -> dict:
+        """Checkpointable state: a deep copy of the queued groups (oldest first) and the drop counter."""
+        return {
+            "groups": copy.deepcopy(list(self._groups)),
+            "max_size": self.max_size,
+            "dropped": self.dropped,
+        }
+
+    def load_state_dict(self, d: dict) -> None:
+        """Restore the state saved by `state_dict` (replaces the current content)."""
+        if not isinstance(d, dict) or "groups" not in d:
+            raise ValueError(f"not a RefillBuffer state dict: {type(d).__name__} without 'groups'")
+        self.max_size = d.get("max_size", self.max_size)
+        self.dropped = int(d.get("dropped", 0))
+        self._groups = deque(copy.deepcopy(list(d["groups"])))
+
+
+def filter_pass_rate(keep: Tensor) -> float:
+    """Fraction of groups that passed the filter; keep [n_groups] bool. 0.0 for an empty tensor."""
+    return float(keep.float().mean()) if keep.numel() else 0.0
+
+
+__all__ = ["group_filter_mask", "RefillBuffer", "filter_pass_rate"]
