@@ -1,5 +1,6 @@
 """Fused lm_head kernels: per-token log-probs, entropy, PPO and implicit-PRM losses without [tokens x vocab] logits."""
 
+from fastprime.kernels.aggregation import AGGREGATION_MODES, aggregation_weights
 from fastprime.kernels.linear_logprobs import (
     LogprobsEntropy,
     linear_logprobs,
@@ -10,6 +11,8 @@ from fastprime.kernels.linear_logprobs import (
 from fastprime.kernels.reference import linear_logprobs_reference
 
 __all__ = [
+    "AGGREGATION_MODES",
+    "aggregation_weights",
     "LogprobsEntropy",
     "linear_logprobs",
     "linear_logprobs_reference",
