@@ -12,6 +12,7 @@ Shared core contract (used by ppo_loss.py / prm_loss.py; change only by editing 
         ignored rows get no gradient.
     resolve_impl(impl, hidden) -> "reference" | "chunked" | "triton"
 impl here is "chunked" or "triton" (resolve "auto" first). fp64 inputs (chunked only) compute and return fp64.
+The chunked path lives in reference.py, the Triton kernels and launchers in linear_logprobs_triton.py.
 
 Math: z = (h W^T + b) / T in fp32, p = softmax(z), lse = logsumexp(z), logp_t = z[t] - lse,
 H = lse - sum p z.  G = g (onehot(t) - p) - e p (z - sum p z);  dh = G W / T, dW = G^T h / T, db = sum G / T.

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from fastprime.kernels import linear_logprobs
 
 

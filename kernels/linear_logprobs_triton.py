@@ -1,0 +1,309 @@
+"""Triton kernels of the log-prob core: tiled h W^T with online log-sum-exp, and the recomputing backward.
+
+Forward (one program per [BLOCK_N rows] x [one of S vocab splits]):
+    for each BLOCK_V tile of the split: z = (sum over BLOCK_D steps of h W^T, fp32 acc + b) / T
+    online over tiles, from m = -inf:  m' = max(m, max z);  s = s e^(m-m') + sum e^(z-m');
+    a = a e^(m-m') + sum e^(z-m') z  (for the entropy);  zt += z[target] where the target falls in the tile.
+    Columns past V are -inf (no phantom columns). Each split writes (m, s, a, zt) per row; the host merges
+    the S partials: lse = M + log sum_k s_k e^(m_k-M), sum p z = sum_k a_k e^(m_k-M) / e^(lse-M),
+    logp = zt - lse, H = lse - sum p z. Splitting V keeps all SMs busy when N/BLOCK_N is below ~2x SMs.
+    FLOPs 2NDV.
+Backward (one program per [BLOCK_N rows] x [BLOCK_V vocab tile], grouped order for L2 reuse):
+    recompute the z tile (2 BLOCK_N BLOCK_V D), p = e^(z - lse),
+    G = g (onehot - p) - e p (z - sum p z), divided by T;
+    then per BLOCK_D step: dh[rows, d] += G W[tile, d] and dW[tile, d] += G^T h[rows, d] (fp32 atomics),
+    db[tile] += sum_rows G.
+    Choice: one pass with fp32 atomics, 6NDV FLOPs (2 recompute + 2 dh + 2 dW), 8NDV with the forward,
+    against 10NDV for separate dh and dW passes (each must recompute the logits: D is too large to keep a
+    [BLOCK_N, D] dh or [BLOCK_V, D] dW accumulator on chip). The price is N D V/BLOCK_V + V D N/BLOCK_N fp32
+    atomic adds into L2 and run-to-run non-determinism of dh, dW in the last bits. Row blocks whose upstream
+    grads are all zero (e.g. fully ignored) skip their tiles. G enters the two backward dots in the input
+    dtype (bf16/fp16 tensor cores), as in cut-cross-entropy and liger-kernel; accumulation stays fp32.
+Unmeasured on a GPU so far: configs are the usual Hopper choices, tuned when a GPU is available.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+if INTERPRET:
+    # One small config: the interpreter runs every program in numpy, so fewer, wider tiles are faster.
+    _FWD_CONFIGS = [triton.Config({"BLOCK_N": 16, "BLOCK_V": 512, "BLOCK_D": 32})]
+    _BWD_CONFIGS = [triton.Config({"BLOCK_N": 16, "BLOCK_V": 512, "BLOCK_D": 32, "GROUP_N": 4})]
+else:
+    _FWD_CONFIGS = [
+        triton.Config({"BLOCK_N": 128, "BLOCK_V": 256, "BLOCK_D": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_D": 64}, num_warps=8, num_stages=4),
+        triton.Config({"BLOCK_N": 64, "BLOCK_V": 256, "BLOCK_D": 64}, num_warps=8, num_stages=4),
+        triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_D": 128}, num_warps=8, num_stages=3),
+    ]
+    _BWD_CONFIGS = [
+        triton.Config(
+            {"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_D": 64, "GROUP_N": 8}, num_warps=8, num_stages=3
+        ),
+        triton.Config(
+            {"BLOCK_N": 128, "BLOCK_V": 256, "BLOCK_D": 64, "GROUP_N": 8}, num_warps=8, num_stages=3
+        ),
+        triton.Config(
+            {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 64, "GROUP_N": 8}, num_warps=4, num_stages=4
+        ),
+    ]
+
+# The forward partials are sized on the host before autotuning picks BLOCK_N; this is the BLOCK_N assumed.
+_HOST_BLOCK_N = 16 if INTERPRET else 128
+
+
+@triton.autotune(configs=_FWD_CONFIGS, key=["V", "D"])
+@triton.jit
+def _logprobs_fwd_kernel(
+    H, W, B, TGT, M_OUT, S_OUT, A_OUT, ZT_OUT,
+    N, V, D, stride_hn, stride_wv, temperature, n_split,
+    HAS_BIAS: tl.constexpr, NEED_ENTROPY: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    tgt = tl.load(TGT + rows, mask=row_ok, other=-1)
+    n_tiles = tl.cdiv(V, BLOCK_V)
+    tiles_per_split = tl.cdiv(n_tiles, n_split)
+    tile_lo = split * tiles_per_split
+    tile_hi = tl.minimum(tile_lo + tiles_per_split, n_tiles)
+    m = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    s = tl.zeros([BLOCK_N], tl.float32)
+    a = tl.zeros([BLOCK_N], tl.float32)
+    zt = tl.zeros([BLOCK_N], tl.float32)
+    offs_d = tl.arange(0, BLOCK_D)
+    for tile in range(tile_lo, tile_hi):
+        cols = tile * BLOCK_V + tl.arange(0, BLOCK_V)
+        col_ok = cols < V
+        acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + offs_d
+            d_ok = d < D
+            h = tl.load(
+                H + rows[:, None] * stride_hn + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0
+            )
+            w = tl.load(
+                W + cols[:, None] * stride_wv + d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0
+            )
+            acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        z = tl.where(col_ok[None, :], acc / temperature, float("-inf"))
+        z_or_0 = tl.where(col_ok[None, :], z, 0.0)  # avoids 0 * -inf = nan in p z on phantom columns
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        scale = tl.exp(m - m_new)
+        p = tl.exp(z - m_new[:, None])
+        s = s * scale + tl.sum(p, axis=1)
+        if NEED_ENTROPY:
+            a = a * scale + tl.sum(p * z_or_0, axis=1)
+        zt += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
+        m = m_new
+    out = split * N + rows
+    tl.store(M_OUT + out, m, mask=row_ok)
+    tl.store(S_OUT + out, s, mask=row_ok)
+    tl.store(ZT_OUT + out, zt, mask=row_ok)
+    if NEED_ENTROPY:
+        tl.store(A_OUT + out, a, mask=row_ok)
+
+
+@triton.autotune(configs=_BWD_CONFIGS, key=["V", "D"], reset_to_zero=["DH", "DW", "DB"])
+@triton.jit
+def _logprobs_bwd_kernel(
+    H, W, B, TGT, LSE, GL, GE, MZ, DH, DW, DB,
+    N, V, D, stride_hn, stride_wv, temperature,
+    HAS_BIAS: tl.constexpr, HAS_GE: tl.constexpr, NEED_DH: tl.constexpr, NEED_DW: tl.constexpr,
+    NEED_DB: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
+):  # fmt: skip
+    # Grouped ordering: GROUP_N row blocks sweep the vocab tiles together, so W tiles are reused from L2.
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    num_v = tl.cdiv(V, BLOCK_V)
+    per_group = GROUP_N * num_v
+    first_n = (pid // per_group) * GROUP_N
+    group_size = tl.minimum(num_n - first_n, GROUP_N)
+    pid_n = first_n + (pid % per_group) % group_size
+    pid_v = (pid % per_group) // group_size
+
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_ok = cols < V
+    g = tl.load(GL + rows, mask=row_ok, other=0.0)
+    live = tl.max(tl.abs(g), axis=0)
+    if HAS_GE:
+        e = tl.load(GE + rows, mask=row_ok, other=0.0)
+        mz = tl.load(MZ + rows, mask=row_ok, other=0.0)
+        live += tl.max(tl.abs(e), axis=0)
+    if live > 0:
+        tgt = tl.load(TGT + rows, mask=row_ok, other=-1)
+        lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
+        offs_d = tl.arange(0, BLOCK_D)
+        acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + offs_d
+            d_ok = d < D
+            h = tl.load(
+                H + rows[:, None] * stride_hn + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0
+            )
+            w = tl.load(
+                W + cols[:, None] * stride_wv + d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0
+            )
+            acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        z = tl.where(col_ok[None, :], acc / temperature, 0.0)
+        p = tl.where(row_ok[:, None] & col_ok[None, :], tl.exp(z - lse[:, None]), 0.0)
+        G = tl.where(cols[None, :] == tgt[:, None], g[:, None], 0.0) - g[:, None] * p
+        if HAS_GE:
+            G -= e[:, None] * p * (z - mz[:, None])
+        G = G / temperature
+        if NEED_DB:
+            tl.atomic_add(DB + cols, tl.sum(G, axis=0), mask=col_ok)
+        G_in = G.to(H.dtype.element_ty)
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + offs_d
+            d_ok = d < D
+            if NEED_DH:
+                w = tl.load(
+                    W + cols[:, None] * stride_wv + d[None, :],
+                    mask=col_ok[:, None] & d_ok[None, :],
+                    other=0.0,
+                )
+                dh = tl.dot(G_in, w, input_precision=DOT_PRECISION)
+                tl.atomic_add(DH + rows[:, None] * D + d[None, :], dh, mask=row_ok[:, None] & d_ok[None, :])
+            if NEED_DW:
+                h = tl.load(
+                    H + rows[:, None] * stride_hn + d[None, :],
+                    mask=row_ok[:, None] & d_ok[None, :],
+                    other=0.0,
+                )
+                dw = tl.dot(tl.trans(G_in), h, input_precision=DOT_PRECISION)
+                tl.atomic_add(DW + cols[:, None] * D + d[None, :], dw, mask=col_ok[:, None] & d_ok[None, :])
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs get IEEE fp32 dots (tf32 would cost ~1e-3 relative error in the logits)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _num_splits(n: int, v: int, device: torch.device) -> int:
+    """Vocab splits so that row blocks x splits fill about two waves of SMs (1 under the interpreter)."""
+    if INTERPRET or device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    row_blocks = triton.cdiv(n, _HOST_BLOCK_N)
+    return max(1, min(triton.cdiv(2 * sms, row_blocks), triton.cdiv(v, 128)))
+
+
+def _check_triton_inputs(hidden: Tensor, weight: Tensor) -> None:
+    if hidden.dtype == torch.float64:
+        raise ValueError("impl='triton' does not take float64 inputs; use impl='chunked' or 'reference'")
+    if not (hidden.is_cuda or INTERPRET):
+        raise ValueError(
+            f"impl='triton' needs a CUDA tensor or TRITON_INTERPRET=1, got device {hidden.device}; "
+            "use impl='chunked'"
+        )
+
+
+def triton_logprobs_forward(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    bias: Tensor | None,
+    *,
+    temperature: float,
+    ignore_index: int,
+    need_entropy: bool,
+    n_split: int | None = None,
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """hidden [N, D], weight [V, D], targets [N], bias [V] or None -> (logp [N], entropy [N] or None, lse [N]),
+    fp32; ignored rows give logp = entropy = 0. n_split overrides the number of vocab splits (tests)."""
+    _check_triton_inputs(hidden, weight)
+    n, dim = hidden.shape
+    v = weight.shape[0]
+    hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
+    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+    keep = targets != ignore_index
+    tgt = torch.where(keep, targets, -1).contiguous()
+    splits = n_split or _num_splits(n, v, hidden.device)
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    m, s, zt = (torch.empty(splits, n, **f32) for _ in range(3))
+    a = torch.empty(splits, n, **f32) if need_entropy else s
+    if n > 0:
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), splits)
+        _logprobs_fwd_kernel[grid](
+            hidden, weight, hidden if bias is None else bias, tgt, m, s, a, zt,
+            n, v, dim, hidden.stride(0), weight.stride(0), float(temperature), splits,
+            HAS_BIAS=bias is not None, NEED_ENTROPY=need_entropy, DOT_PRECISION=_dot_precision(hidden.dtype),
+        )  # fmt: skip
+    # Merge the per-split partials (O(splits x N)); an empty split has m = -inf, s = a = 0 and weighs 0.
+    m_max = m.max(0).values
+    weights = torch.exp(m - m_max)
+    s_tot = (s * weights).sum(0)
+    lse = m_max + torch.log(s_tot)
+    logp = torch.where(keep, zt.sum(0) - lse, 0.0)
+    entropy = None
+    if need_entropy:
+        entropy = torch.where(keep, lse - (a * weights).sum(0) / s_tot, 0.0)
+    return logp, entropy, lse
+
+
+def triton_logprobs_backward(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    bias: Tensor | None,
+    lse: Tensor,
+    entropy: Tensor | None,
+    grad_logp: Tensor,
+    grad_entropy: Tensor | None,
+    *,
+    temperature: float,
+    ignore_index: int,
+    needs_input_grad: tuple[bool, bool, bool],
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients of `triton_logprobs_forward`: see `logprobs_backward` in linear_logprobs.py for shapes.
+    dh, dW, db accumulate in fp32 buffers ([N, D], [V, D], [V]) and are cast to the input dtypes."""
+    _check_triton_inputs(hidden, weight)
+    if grad_entropy is not None and entropy is None:
+        raise ValueError("grad_entropy was given but entropy is None: the forward must compute entropy")
+    n, dim = hidden.shape
+    v = weight.shape[0]
+    need_h, need_w, need_b = needs_input_grad
+    need_b = need_b and bias is not None
+    hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
+    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+    keep = targets != ignore_index
+    tgt = torch.where(keep, targets, -1).contiguous()
+    g = torch.where(keep, grad_logp.float(), 0.0).contiguous()
+    has_ge = grad_entropy is not None
+    e = torch.where(keep, grad_entropy.float(), 0.0).contiguous() if has_ge else g
+    mz = (lse.float() - entropy.float()).contiguous() if has_ge else g
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    dh = torch.zeros(n, dim, **f32) if need_h else g
+    dw = torch.zeros(v, dim, **f32) if need_w else g
+    db = torch.zeros(v, **f32) if need_b else g
+    if n > 0 and (need_h or need_w or need_b):
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(v, meta["BLOCK_V"]),)
+        _logprobs_bwd_kernel[grid](
+            hidden, weight, hidden if bias is None else bias, tgt, lse.float().contiguous(), g, e, mz,
+            dh, dw, db, n, v, dim, hidden.stride(0), weight.stride(0), float(temperature),
+            HAS_BIAS=bias is not None, HAS_GE=has_ge, NEED_DH=need_h, NEED_DW=need_w, NEED_DB=need_b,
+            DOT_PRECISION=_dot_precision(hidden.dtype),
+        )  # fmt: skip
+    return (
+        dh.to(hidden.dtype) if need_h else None,
+        dw.to(weight.dtype) if need_w else None,
+        db.to(bias.dtype) if need_b else None,
+    )
