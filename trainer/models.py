@@ -1,0 +1,117 @@
+"""Process group, model loading and FSDP2 wrapping for the policy, the PRM and the frozen reference.
+
+Every model is an HF causal LM inside `HeadlessLM`, whose forward runs the body (`lm.model`) and hands the
+final hidden states [N, D] plus the lm_head weight [V, D] to a head function (the fused kernels). Putting the
+head inside the FSDP root's forward is what makes the root's parameters (embeddings, final norm, lm_head, tied
+or not) unsharded while the kernel reads them; nothing ever computes the full `.logits`.
+
+FSDP2: `fully_shard` per decoder block, then the root; on GPU bf16 compute over fp32 master weights with fp32
+gradient reduce, on CPU fp32 throughout. With one process it is the same code over a mesh of size 1.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world_size, device): joins torchrun's group (NCCL on GPU, gloo on CPU) or makes a group of one."""
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:  # plain `python trainer/main.py`: the same code path with world size 1
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = (
+        torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
+    return rank, world, device
+
+
+class HeadlessLM(nn.Module):
+    """An HF causal LM whose forward returns `head(hidden [N, D], lm_head.weight [V, D], lm_head.bias)`."""
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids: Tensor, position_ids: Tensor, head: Callable[..., Any]) -> Any:
+        """input_ids, position_ids [1, N] packed (position_ids restart at 0 per sequence)."""
+        out = self.lm.model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+        lm_head = self.lm.lm_head
+        return head(out.last_hidden_state[0], lm_head.weight, getattr(lm_head, "bias", None))
+
+
+def load_causal_lm(path: str, *, attn_implementation: str = "sdpa") -> nn.Module:
+    """fp32 HF causal LM from a local folder (no network)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation=attn_implementation, local_files_only=True
+    )
+
+
+def shard_model(
+    lm: nn.Module,
+    *,
+    device: torch.device,
+    trainable: bool = True,
+    mixed_precision: bool = True,
+    activation_checkpointing: bool = False,
+) -> HeadlessLM:
+    """Wrap `lm` in HeadlessLM and apply FSDP2: fully_shard each decoder block, then the root.
+
+    mixed_precision applies on CUDA only (bf16 params in compute, fp32 reduce); on CPU everything stays fp32.
+    A frozen model (the reference) gets requires_grad=False and eval mode."""
+    lm.config.use_cache = False
+    if activation_checkpointing and trainable:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lm.to(device)
+    if not trainable:
+        lm.requires_grad_(False)
+    model = HeadlessLM(lm)
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    mp = None
+    if mixed_precision and device.type == "cuda":
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    kwargs: dict[str, Any] = {"mesh": mesh}
+    if mp is not None:
+        kwargs["mp_policy"] = mp
+    for block in lm.model.layers:
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+    model.train(trainable)
+    return model
+
+
+def full_state_dict(model: HeadlessLM) -> dict[str, Tensor]:
+    """The unsharded HF state dict (keys as in the HF model) on every rank, on the model device. A collective."""
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    return {k.removeprefix("lm."): v for k, v in sd.items()}
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameters (global, not per shard)."""
+    return sum(p.numel() for p in model.parameters())
