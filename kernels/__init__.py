@@ -8,11 +8,15 @@ from fastprime.kernels.linear_logprobs import (
     logprobs_forward,
     resolve_impl,
 )
+from fastprime.kernels.ppo_loss import PPOStats, linear_ppo_loss, linear_ppo_loss_reference
 from fastprime.kernels.reference import linear_logprobs_reference
 
 __all__ = [
     "AGGREGATION_MODES",
     "aggregation_weights",
+    "PPOStats",
+    "linear_ppo_loss",
+    "linear_ppo_loss_reference",
     "LogprobsEntropy",
     "linear_logprobs",
     "linear_logprobs_reference",
