@@ -1,0 +1,84 @@
+"""Held-out evaluation: greedy decoding of each prompt once, graded by the real outcome verifier."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+if TYPE_CHECKING:
+    from fastprime.trainer.rewards import VerifierPool
+
+
+@torch.no_grad()
+def greedy_responses(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[list[dict]],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+) -> list[str]:
+    """Greedy completions of chat `prompts` (each a list of messages), decoded without special tokens.
+
+    Prompts go through the tokenizer's chat template with the generation prompt, are left-padded in
+    batches of `batch_size` [b, T_prompt], and each decodes at most `max_new_tokens` tokens, stopping at EOS.
+    The model is put in eval mode for the call and its previous mode restored.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if tokenizer.padding_side != "left":
+        raise ValueError(
+            f"batched greedy decoding needs left padding, tokenizer has {tokenizer.padding_side!r}"
+        )
+    was_training = model.training
+    model.eval()
+    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    out: list[str] = []
+    try:
+        for i in range(0, len(texts), batch_size):
+            enc = tokenizer(
+                texts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
+            ).to(model.device)
+            gen = model.generate(
+                **enc,
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            new_ids = gen[:, enc["input_ids"].shape[1] :]
+            out.extend(tokenizer.batch_decode(new_ids, skip_special_tokens=True))
+    finally:
+        model.train(was_training)
+    return out
+
+
+def greedy_accuracy(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    rows: list[dict],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    verifier: VerifierPool,
+) -> float:
+    """Mean verifier score of one greedy response per PRIME/verl row (`prompt`, `ability`, `reward_model`).
+
+    A response the verifier fails on (error, timeout) scores 0 and is counted by the verifier, so a broken
+    answer lowers the accuracy instead of stopping the evaluation.
+    """
+    if not rows:
+        raise ValueError("greedy_accuracy needs at least one row, got an empty list")
+    responses = greedy_responses(
+        model, tokenizer, [r["prompt"] for r in rows], max_new_tokens=max_new_tokens, batch_size=batch_size
+    )
+    items = [
+        {"ability": r["ability"], "response": resp, "ground_truth": r["reward_model"]["ground_truth"]}
+        for r, resp in zip(rows, responses)
+    ]
+    scores = verifier.score(items).scores
+    return float(sum(scores)) / len(scores)
