@@ -1,0 +1,109 @@
+"""Group-accuracy filter and refill buffer: hand-written expectations."""
+
+import pickle
+
+import pytest
+import torch
+from fastprime.trainer.algorithms import RefillBuffer, filter_pass_rate, group_filter_mask
+
+
+def test_bounds_inclusive_k4():
+    # groups of 4 with 0, 1, 3, 4 and 2 correct: 1 and 3 sit on the inclusive bounds 0.25 >= 0.2, 0.75 <= 0.8
+    acc = torch.tensor([0, 0, 0, 0, 1, 0, 0, 0, 1, 1, 0, 1, 1, 1, 1, 1, 0, 1, 1, 0], dtype=torch.float32)
+    keep = group_filter_mask(acc, k=4)
+    assert keep.tolist() == [False, True, True, False, True]
+
+
+def test_bounds_exactly_on_the_limits_k5():
+    # 1/5 = 0.2 and 3/5 = 0.6 equal the bounds; float32 rounds 3/5 up to 0.6000000238, still kept
+    acc = torch.tensor([1, 0, 0, 0, 0, 1, 1, 1, 0, 0, 1, 1, 1, 1, 0], dtype=torch.float32)
+    assert group_filter_mask(acc, k=5, lo=0.2, hi=0.6).tolist() == [True, True, False]
+    assert group_filter_mask(acc, k=5, lo=0.21, hi=0.59).tolist() == [False, False, False]
+
+
+def test_soft_scores_k2():
+    acc = torch.tensor([0.1, 0.0, 0.5, 0.0, 0.9, 0.8])  # means 0.05, 0.25, 0.85
+    assert group_filter_mask(acc, k=2).tolist() == [False, True, False]
+
+
+def test_truncation_filter():
+    acc = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0, 1.0])  # all three groups pass the accuracy bounds
+    truncated = torch.tensor([False, False, False, True, False, False])
+    assert group_filter_mask(acc, k=2, truncated=truncated).tolist() == [True, True, True]
+    kept = group_filter_mask(acc, k=2, truncated=truncated, drop_truncated=True)
+    assert kept.tolist() == [True, False, True]
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(acc=torch.zeros(6), k=4), "n = 6"),
+        (dict(acc=torch.tensor([0.0, float("nan")]), k=2), "acc\\[1\\] = nan"),
+        (dict(acc=torch.zeros(4), k=0), "k = 0"),
+        (dict(acc=torch.zeros(4), k=2, lo=0.9, hi=0.1), "lo = 0.9"),
+        (dict(acc=torch.zeros(4), k=2, drop_truncated=True), "truncated"),
+        (
+            dict(acc=torch.zeros(4), k=2, truncated=torch.zeros(3, dtype=torch.bool), drop_truncated=True),
+            "truncated has shape \\(3,\\)",
+        ),
+        (dict(acc=torch.zeros(2, 2), k=2), "1-D"),
+    ],
+)
+def test_filter_errors(kwargs, match):
+    acc = kwargs.pop("acc")
+    with pytest.raises(ValueError, match=match):
+        group_filter_mask(acc, **kwargs)
+
+
+def test_pass_rate():
+    assert filter_pass_rate(torch.tensor([True, False, True, True])) == 0.75
+    assert filter_pass_rate(torch.zeros(0, dtype=torch.bool)) == 0.0
+
+
+def test_refill_buffer_fifo_order():
+    buf = RefillBuffer()
+    buf.add(["a", "b", "c"])
+    assert len(buf) == 3
+    assert buf.take(2) == ["a", "b"]
+    buf.add(["d"])
+    assert buf.take(5) == ["c", "d"]
+    assert len(buf) == 0
+    assert buf.take(3) == []
+    assert buf.take(0) == []
+
+
+def test_refill_buffer_state_dict_round_trip():
+    buf = RefillBuffer(max_size=10)
+    groups = [
+        {"prompt": "p1", "acc": [1.0, 0.0]},
+        {"prompt": "p2", "acc": [0.0, 1.0]},
+        {"prompt": "p3", "acc": []},
+    ]
+    buf.add(groups)
+    buf.take(1)
+    state = pickle.loads(pickle.dumps(buf.state_dict()))  # what a checkpoint does to it
+    groups[1]["acc"].append(9.0)  # later mutation of the trainer's objects must not leak into the checkpoint
+    restored = RefillBuffer()
+    restored.load_state_dict(state)
+    assert len(restored) == 2 and restored.max_size == 10
+    assert restored.take(5) == [{"prompt": "p2", "acc": [0.0, 1.0]}, {"prompt": "p3", "acc": []}]
+
+
+def test_refill_buffer_max_size_drops_oldest():
+    buf = RefillBuffer(max_size=2)
+    buf.add([1, 2, 3])
+    buf.add([4])
+    assert buf.dropped == 2
+    assert buf.take(10) == [3, 4]
+    restored = RefillBuffer()
+    restored.load_state_dict(buf.state_dict())
+    assert restored.dropped == 2
+
+
+def test_refill_buffer_errors():
+    with pytest.raises(ValueError, match="batch_size = -1"):
+        RefillBuffer().take(-1)
+    with pytest.raises(ValueError, match="max_size = -2"):
+        RefillBuffer(max_size=-2)
+    with pytest.raises(ValueError, match="groups"):
+        RefillBuffer().load_state_dict({"items": []})
