@@ -3,14 +3,16 @@
 Forward (one program per [BLOCK_N rows] x [one of S vocab splits]):
     for each BLOCK_V tile of the split: z = (sum over BLOCK_D steps of h W^T, fp32 acc + b) / T
     online over tiles, from m = -inf:  m' = max(m, max z);  s = s e^(m-m') + sum e^(z-m');
-    a = a e^(m-m') + sum e^(z-m') z  (for the entropy);  zt += z[target] where the target falls in the tile.
-    Columns past V are -inf (no phantom columns). Each split writes (m, s, a, zt) per row; the host merges
-    the S partials: lse = M + log sum_k s_k e^(m_k-M), sum p z = sum_k a_k e^(m_k-M) / e^(lse-M),
-    logp = zt - lse, H = lse - sum p z. Splitting V keeps all SMs busy when N/BLOCK_N is below ~2x SMs.
+    a = e^(m-m') (a + s (m-m')) + sum e^(z-m') (z-m')  (for the entropy: a / s = sum p z - m, kept relative
+    to the running max so that H = log s - a / s has no cancellation at large logits);
+    zt += z[target] where the target falls in the tile. Columns past V are -inf (no phantom columns).
+    Each split writes (m, s, a, zt) per row; the host merges the S partials with M = max m_k, w_k = e^(m_k-M):
+    S = sum w_k s_k, A = sum w_k (a_k + s_k (m_k - M)), lse = M + log S, H = log S - A / S, logp = zt - lse.
+    Splitting V keeps all SMs busy when N/BLOCK_N is below ~2x SMs.
     FLOPs 2NDV.
 Backward (one program per [BLOCK_N rows] x [BLOCK_V vocab tile], grouped order for L2 reuse):
-    recompute the z tile (2 BLOCK_N BLOCK_V D), p = e^(z - lse),
-    G = g (onehot - p) - e p (z - sum p z), divided by T;
+    recompute the z tile (2 BLOCK_N BLOCK_V D), log p = z - lse, p = e^(log p),
+    G = g (onehot - p) - e p (log p + H)  (z - sum p z = log p + H), divided by T;
     then per BLOCK_D step: dh[rows, d] += G W[tile, d] and dW[tile, d] += G^T h[rows, d] (fp32 atomics),
     db[tile] += sum_rows G.
     Choice: one pass with fp32 atomics, 6NDV FLOPs (2 recompute + 2 dh + 2 dW), 8NDV with the forward,
@@ -99,13 +101,15 @@ def _logprobs_fwd_kernel(
         if HAS_BIAS:
             acc += tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         z = tl.where(col_ok[None, :], acc / temperature, float("-inf"))
-        z_or_0 = tl.where(col_ok[None, :], z, 0.0)  # avoids 0 * -inf = nan in p z on phantom columns
         m_new = tl.maximum(m, tl.max(z, axis=1))
         scale = tl.exp(m - m_new)
         p = tl.exp(z - m_new[:, None])
-        s = s * scale + tl.sum(p, axis=1)
         if NEED_ENTROPY:
-            a = a * scale + tl.sum(p * z_or_0, axis=1)
+            # The first tile has s = 0 and m = -inf: skip s (m - m') there instead of forming 0 * -inf.
+            shift = s * tl.where(s > 0, m - m_new, 0.0)
+            z_rel = tl.where(col_ok[None, :], z - m_new[:, None], 0.0)  # 0, not -inf, on phantom columns
+            a = scale * (a + shift) + tl.sum(p * z_rel, axis=1)
+        s = s * scale + tl.sum(p, axis=1)
         zt += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
         m = m_new
     out = split * N + rows
@@ -119,7 +123,7 @@ def _logprobs_fwd_kernel(
 @triton.autotune(configs=_BWD_CONFIGS, key=["V", "D"], reset_to_zero=["DH", "DW", "DB"])
 @triton.jit
 def _logprobs_bwd_kernel(
-    H, W, B, TGT, LSE, GL, GE, MZ, DH, DW, DB,
+    H, W, B, TGT, LSE, GL, GE, ENT, DH, DW, DB,
     N, V, D, stride_hn, stride_wv, temperature,
     HAS_BIAS: tl.constexpr, HAS_GE: tl.constexpr, NEED_DH: tl.constexpr, NEED_DW: tl.constexpr,
     NEED_DB: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -143,7 +147,7 @@ def _logprobs_bwd_kernel(
     live = tl.max(tl.abs(g), axis=0)
     if HAS_GE:
         e = tl.load(GE + rows, mask=row_ok, other=0.0)
-        mz = tl.load(MZ + rows, mask=row_ok, other=0.0)
+        ent = tl.load(ENT + rows, mask=row_ok, other=0.0)
         live += tl.max(tl.abs(e), axis=0)
     if live > 0:
         tgt = tl.load(TGT + rows, mask=row_ok, other=-1)
@@ -162,11 +166,11 @@ def _logprobs_bwd_kernel(
             acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
         if HAS_BIAS:
             acc += tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        z = tl.where(col_ok[None, :], acc / temperature, 0.0)
-        p = tl.where(row_ok[:, None] & col_ok[None, :], tl.exp(z - lse[:, None]), 0.0)
+        log_p = tl.where(row_ok[:, None] & col_ok[None, :], acc / temperature - lse[:, None], 0.0)
+        p = tl.where(row_ok[:, None] & col_ok[None, :], tl.exp(log_p), 0.0)
         G = tl.where(cols[None, :] == tgt[:, None], g[:, None], 0.0) - g[:, None] * p
         if HAS_GE:
-            G -= e[:, None] * p * (z - mz[:, None])
+            G -= e[:, None] * p * (log_p + ent[:, None])
         G = G / temperature
         if NEED_DB:
             tl.atomic_add(DB + cols, tl.sum(G, axis=0), mask=col_ok)
@@ -251,11 +255,13 @@ def triton_logprobs_forward(
     m_max = m.max(0).values
     weights = torch.exp(m - m_max)
     s_tot = (s * weights).sum(0)
-    lse = m_max + torch.log(s_tot)
+    log_s = torch.log(s_tot)
+    lse = m_max + log_s
     logp = torch.where(keep, zt.sum(0) - lse, 0.0)
     entropy = None
     if need_entropy:
-        entropy = torch.where(keep, lse - (a * weights).sum(0) / s_tot, 0.0)
+        a_tot = (weights * (a + torch.where(s > 0, s * (m - m_max), 0.0))).sum(0)
+        entropy = torch.where(keep, log_s - a_tot / s_tot, 0.0)
     return logp, entropy, lse
 
 
@@ -289,7 +295,7 @@ def triton_logprobs_backward(
     g = torch.where(keep, grad_logp.float(), 0.0).contiguous()
     has_ge = grad_entropy is not None
     e = torch.where(keep, grad_entropy.float(), 0.0).contiguous() if has_ge else g
-    mz = (lse.float() - entropy.float()).contiguous() if has_ge else g
+    ent = entropy.float().contiguous() if has_ge else g
     f32 = dict(dtype=torch.float32, device=hidden.device)
     dh = torch.zeros(n, dim, **f32) if need_h else g
     dw = torch.zeros(v, dim, **f32) if need_w else g
@@ -297,7 +303,7 @@ def triton_logprobs_backward(
     if n > 0 and (need_h or need_w or need_b):
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(v, meta["BLOCK_V"]),)
         _logprobs_bwd_kernel[grid](
-            hidden, weight, hidden if bias is None else bias, tgt, lse.float().contiguous(), g, e, mz,
+            hidden, weight, hidden if bias is None else bias, tgt, lse.float().contiguous(), g, e, ent,
             dh, dw, db, n, v, dim, hidden.stride(0), weight.stride(0), float(temperature),
             HAS_BIAS=bias is not None, HAS_GE=has_ge, NEED_DH=need_h, NEED_DW=need_w, NEED_DB=need_b,
             DOT_PRECISION=_dot_precision(hidden.dtype),

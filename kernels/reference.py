@@ -99,13 +99,16 @@ def chunked_logprobs_forward(
     for start in range(0, n, step):
         rows = slice(start, min(n, start + step))
         z = _chunk_logits(hidden[rows], weight_c, bias_c, temperature)
-        lse_c = torch.logsumexp(z, dim=-1)
-        lse[rows] = lse_c
-        logp[rows] = z.gather(1, safe_targets[rows].unsqueeze(1)).squeeze(1) - lse_c
+        # Shift by the row max first: H = lse' - sum p z' with z' = z - max has no cancellation between two
+        # numbers of the size of the logits (which cost ~1e-3 nats at logits ~100 in fp32).
+        z_max = z.amax(dim=-1, keepdim=True)
+        z.sub_(z_max)
+        lse_shifted = torch.logsumexp(z, dim=-1)
+        lse[rows] = lse_shifted + z_max.squeeze(1)
+        logp[rows] = z.gather(1, safe_targets[rows].unsqueeze(1)).squeeze(1) - lse_shifted
         if entropy is not None:
-            # sum_j p_j z_j with p = exp(z - lse); exp into a fresh buffer, then reduce p * z in place.
-            p = torch.exp(z - lse_c.unsqueeze(1))
-            entropy[rows] = lse_c - p.mul_(z).sum(-1)
+            p = torch.exp(z - lse_shifted.unsqueeze(1))
+            entropy[rows] = lse_shifted - p.mul_(z).sum(-1)
     logp.masked_fill_(~keep, 0.0)
     if entropy is not None:
         entropy.masked_fill_(~keep, 0.0)
@@ -147,20 +150,21 @@ def chunked_logprobs_backward(
     e = None
     if grad_entropy is not None:
         e = torch.where(keep, grad_entropy.to(dt), 0.0)
-        mean_z = lse.to(dt) - entropy.to(dt)  # sum_j p_j z_j, from H = lse - sum p z
+        entropy_c = entropy.to(dt)
     grad_h = torch.empty(n, weight.shape[1], dtype=dt, device=hidden.device) if need_h else None
     grad_w = torch.zeros(v, weight.shape[1], dtype=dt, device=hidden.device) if need_w else None
     grad_b = torch.zeros(v, dtype=dt, device=hidden.device) if need_b else None
     step = chunk_rows(v, chunk_elements=chunk_elements)
     for start in range(0, n, step):
         rows = slice(start, min(n, start + step))
-        z = _chunk_logits(hidden[rows], weight_c, bias_c, temperature)
-        p = torch.exp(z - lse[rows].to(dt).unsqueeze(1))
+        log_p = _chunk_logits(hidden[rows], weight_c, bias_c, temperature).sub_(lse[rows].to(dt).unsqueeze(1))
+        p = torch.exp(log_p)
         g_c = g[rows].unsqueeze(1)
         if e is not None:
-            # G = -g p - e p (z - E_p z), built in z's buffer; + g at the target column below.
-            z.sub_(mean_z[rows].unsqueeze(1)).mul_(e[rows].unsqueeze(1)).add_(g_c).mul_(p).neg_()
-            G = z
+            # G = -g p - e p (log p + H) (as z - sum p z = log p + H, free of cancellation), built in log_p's
+            # buffer; + g at the target column below.
+            log_p.add_(entropy_c[rows].unsqueeze(1)).mul_(e[rows].unsqueeze(1)).add_(g_c).mul_(p).neg_()
+            G = log_p
         else:
             G = p.mul_(g_c).neg_()
         G.scatter_add_(1, safe_targets[rows].unsqueeze(1), g_c)
