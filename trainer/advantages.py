@@ -12,6 +12,7 @@ reverse cumsum (gamma = 1) and whitens; by linearity that equals summing per-sou
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -128,7 +129,7 @@ def compute_advantages(
     if not (0.0 < gamma <= 1.0):
         raise ValueError(f"gamma = {gamma} must lie in (0, 1]")
     for name, c in (("outcome_coef", outcome_coef), ("process_coef", process_coef)):
-        if not torch.isfinite(torch.tensor(float(c))):
+        if not math.isfinite(c):
             raise ValueError(f"{name} = {c} is not finite")
     check_vector(acc, "acc")
     check_group_size(acc.shape[0], k, min_k=1 if estimator == "reinforce" else 2)

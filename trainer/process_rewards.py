@@ -86,7 +86,7 @@ def prm_pairwise_accuracy(seq_q_sum: Tensor, acc: Tensor, *, k: int) -> float | 
     a = acc.double().view(-1, k)
     ds = s.unsqueeze(2) - s.unsqueeze(1)  # [G, k, k]: s_i - s_j
     da = a.unsqueeze(2) - a.unsqueeze(1)
-    upper = torch.triu(torch.ones(k, k, dtype=torch.bool), diagonal=1)
+    upper = torch.triu(torch.ones(k, k, dtype=torch.bool, device=s.device), diagonal=1)
     weight = da.abs() * upper  # each unordered pair once
     right = (torch.sign(ds) == torch.sign(da)) & (da != 0)
     group_weight = weight.sum(dim=(1, 2))

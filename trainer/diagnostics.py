@@ -1,0 +1,96 @@
+"""PRIME diagnostics the trainer logs each iteration (prime.md "Diagnostics worth logging").
+
+Plain reductions to `dict[str, float]` with "section/name" keys, so the trainer can merge them into one log
+line. The PRM pairwise accuracy lives in process_rewards.py, the advantage stats in `Advantages.stats`, the
+filter pass rate in filtering.py.
+"""
+
+from __future__ import annotations
+
+from fastprime.trainer.masked_ops import (
+    check_group_size,
+    check_mask,
+    check_token_tensor,
+    check_vector,
+    float_dtype,
+)
+from torch import Tensor
+
+
+def response_stats(mask: Tensor, *, truncated: Tensor | None = None) -> dict[str, float]:
+    """Response length (valid tokens per row, EOS included) and truncation rate.
+
+    Args:
+        mask: [n, T] bool/0-1 valid response tokens (rows may be empty here).
+        truncated: [n] bool, True where the response hit the length limit; adds "response/truncation_rate".
+
+    Returns:
+        {"response/length_mean", "response/length_min", "response/length_max"[, "response/truncation_rate"]}.
+    """
+    mask = check_mask(mask, nonempty_rows=False)
+    lengths = mask.sum(dim=1).double()
+    stats = {
+        "response/length_mean": float(lengths.mean()),
+        "response/length_min": float(lengths.min()),
+        "response/length_max": float(lengths.max()),
+    }
+    if truncated is not None:
+        if not isinstance(truncated, Tensor) or truncated.shape != (mask.shape[0],):
+            got = tuple(truncated.shape) if isinstance(truncated, Tensor) else type(truncated).__name__
+            raise ValueError(f"truncated has shape {got}, expected ({mask.shape[0]},)")
+        stats["response/truncation_rate"] = float(truncated.double().mean())
+    return stats
+
+
+def outcome_stats(acc: Tensor, *, k: int) -> dict[str, float]:
+    """Outcome scores: the mean, and how many groups carry no leave-one-out signal (all scores equal).
+
+    Args:
+        acc: [n] outcome scores, groups of k contiguous.
+        k: samples per prompt.
+
+    Returns:
+        {"outcome/acc_mean", "outcome/solve_all_rate" (groups all 1), "outcome/solve_none_rate" (groups all 0),
+        "outcome/equal_group_rate" (groups whose k scores are all equal, soft scores included)}.
+    """
+    check_vector(acc, "acc")
+    check_group_size(acc.shape[0], k)
+    groups = acc.double().view(-1, k)
+    return {
+        "outcome/acc_mean": float(groups.mean()),
+        "outcome/solve_all_rate": float((groups == 1).all(dim=1).double().mean()),
+        "outcome/solve_none_rate": float((groups == 0).all(dim=1).double().mean()),
+        "outcome/equal_group_rate": float((groups == groups[:, :1]).all(dim=1).double().mean()),
+    }
+
+
+def process_reward_stats(rewards: Tensor, mask: Tensor, acc: Tensor) -> dict[str, float]:
+    """Process rewards by outcome: does the implicit PRM give correct responses more reward than wrong ones?
+
+    Args:
+        rewards: [n, T] process token rewards (or the raw log-ratio q); padding ignored.
+        mask: [n, T] bool/0-1 valid tokens, every row non-empty.
+        acc: [n] outcome scores; a response counts as correct when acc >= 0.5.
+
+    Returns:
+        {"process/token_mean", "process/seq_sum_mean", "process/seq_sum_correct_mean",
+        "process/seq_sum_wrong_mean"}; a correct/wrong key is left out when no response falls in that class.
+    """
+    mask = check_mask(mask)
+    check_token_tensor(rewards, mask, "rewards")
+    check_vector(acc, "acc", mask.shape[0])
+    r = rewards.to(float_dtype(rewards)).where(mask, 0)
+    seq = r.sum(dim=1)
+    stats = {
+        "process/token_mean": float(r.sum() / mask.sum()),
+        "process/seq_sum_mean": float(seq.mean()),
+    }
+    correct = acc >= 0.5
+    if correct.any():
+        stats["process/seq_sum_correct_mean"] = float(seq[correct].mean())
+    if (~correct).any():
+        stats["process/seq_sum_wrong_mean"] = float(seq[~correct].mean())
+    return stats
+
+
+__all__ = ["response_stats", "outcome_stats", "process_reward_stats"]
