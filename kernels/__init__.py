@@ -9,6 +9,7 @@ from fastprime.kernels.linear_logprobs import (
     resolve_impl,
 )
 from fastprime.kernels.ppo_loss import PPOStats, linear_ppo_loss, linear_ppo_loss_reference
+from fastprime.kernels.prm_loss import linear_prm_loss, linear_prm_loss_reference
 from fastprime.kernels.reference import linear_logprobs_reference
 
 __all__ = [
@@ -17,6 +18,8 @@ __all__ = [
     "PPOStats",
     "linear_ppo_loss",
     "linear_ppo_loss_reference",
+    "linear_prm_loss",
+    "linear_prm_loss_reference",
     "LogprobsEntropy",
     "linear_logprobs",
     "linear_logprobs_reference",

@@ -1,0 +1,169 @@
+"""linear_prm_loss against an fp64 eager reference written here: loss, q and gradients for hidden, weight, bias."""
+
+import math
+
+import pytest
+import torch
+from fastprime.kernels import linear_prm_loss
+
+IMPLS = ["reference", "chunked", "triton"]
+
+
+def fp64_prm(h, W, b, targets, ref, seq, labels, *, beta, T, ignore=-100, n=None):
+    """Loop over sequences in fp64: score_s = beta Σ (logp - ref), BCE(sigmoid(score), y) averaged over sequences."""
+    z = (h.double() @ W.double().T + (0 if b is None else b.double())) / T
+    logprobs = torch.log_softmax(z, -1)
+    member = (targets != ignore) & (seq >= 0)
+    logp = logprobs.gather(-1, targets.clamp(min=0)[:, None])[:, 0]
+    q = torch.where(member, logp - ref, torch.zeros((), dtype=torch.float64))
+    losses = []
+    for s in range(labels.shape[0]):
+        tok = member & (seq == s)
+        if tok.any():
+            p = torch.sigmoid(beta * q[tok].sum())
+            y = labels[s].double()
+            losses.append(-(y * torch.log(p) + (1 - y) * torch.log1p(-p)))
+    n = len(losses) if n is None else n
+    return torch.stack(losses).sum() / n, q
+
+
+def make_batch(seed, *, lengths=(1, 40, 3, 17, 1, 8), D=16, V=37, bias=True, soft=True, T=1.0):
+    """Packed sequences of very different lengths (incl. length 1), prompt tokens (seq -1), ignored targets,
+    and a sequence id (S - 1) with no token present."""
+    g = torch.Generator().manual_seed(seed)
+    parts = []
+    for s, n in enumerate(lengths):
+        parts += [torch.full((2,), -1), torch.full((n,), s)]  # a 2-token "prompt" before each response
+    seq = torch.cat(parts)
+    N = seq.shape[0]
+    S = len(lengths) + 1
+    h = torch.randn(N, D, generator=g) * 0.8
+    W = torch.randn(V, D, generator=g) * 0.6
+    b = torch.randn(V, generator=g) * 0.3 if bias else None
+    targets = torch.randint(0, V, (N,), generator=g)
+    targets[(torch.rand(N, generator=g) < 0.15) & (seq != 0) & (seq != 4)] = -100  # keep the length-1 ones
+    ref = -torch.rand(N, generator=g, dtype=torch.float64) * 4 - 1
+    labels = torch.rand(S, generator=g) if soft else (torch.rand(S, generator=g) > 0.5).float()
+    return h, W, b, targets, ref, seq, labels, T
+
+
+CASES = {
+    "soft": dict(soft=True),
+    "hard": dict(soft=False),
+    "hard_T0.6_beta0.5": dict(soft=False, T=0.6, beta=0.5),
+    "soft_nobias_beta2": dict(soft=True, bias=False, beta=2.0),
+}
+
+
+def assert_close(actual, expected, what, rtol=2e-5, atol_scale=2e-5):
+    atol = atol_scale * float(expected.detach().abs().max().clamp(min=1e-3))
+    torch.testing.assert_close(
+        actual.double(), expected.detach(), rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}"
+    )
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", CASES)
+def test_loss_q_and_grads_match_fp64(impl, case):
+    cfg = dict(CASES[case])
+    beta = cfg.pop("beta", 0.05)
+    h, W, b, targets, ref, seq, labels, T = make_batch(0, **cfg)
+    ht, Wt = h.clone().requires_grad_(), W.clone().requires_grad_()
+    bt = b.clone().requires_grad_() if b is not None else None
+    loss, q = linear_prm_loss(
+        ht, Wt, targets, ref.float(), seq, labels, beta=beta, temperature=T, bias=bt, impl=impl
+    )
+    loss.backward()
+    h64, W64 = h.double().requires_grad_(), W.double().requires_grad_()
+    b64 = b.double().requires_grad_() if b is not None else None
+    loss64, q64 = fp64_prm(h64, W64, b64, targets, ref, seq, labels, beta=beta, T=T)
+    loss64.backward()
+    assert loss.shape == () and q.shape == targets.shape and not q.requires_grad
+    assert_close(loss, loss64, "loss")
+    assert_close(q, q64, "q")
+    assert_close(ht.grad, h64.grad, "grad hidden")
+    assert_close(Wt.grad, W64.grad, "grad weight")
+    if b is not None:
+        assert_close(bt.grad, b64.grad, "grad bias")
+    outside = (seq < 0) | (targets == -100)
+    assert torch.all(q[outside] == 0) and torch.all(ht.grad[outside] == 0)
+
+
+def test_hand_computed_single_token_sequence():
+    """One sequence of one token over a 2-word vocab with zero logits: logp = log 1/2, everything by hand."""
+    h, W = torch.zeros(1, 3, requires_grad=True), torch.zeros(2, 3, requires_grad=True)
+    b = torch.zeros(2, requires_grad=True)
+    ref, y, beta = torch.tensor([-1.0]), torch.tensor([1.0]), 0.5
+    loss, q = linear_prm_loss(
+        h, W, torch.tensor([1]), ref, torch.tensor([0]), y, beta=beta, bias=b, impl="chunked"
+    )
+    loss.backward()
+    q_exp = math.log(0.5) + 1.0
+    score = beta * q_exp
+    assert q.item() == pytest.approx(q_exp, rel=1e-6)
+    assert loss.item() == pytest.approx(math.log1p(math.exp(-score)), rel=1e-6)
+    # dL/db = (sigmoid(score) - y) * beta * (onehot(1) - p), p = (1/2, 1/2)
+    gs = (1 / (1 + math.exp(-score)) - 1.0) * beta
+    torch.testing.assert_close(b.grad, torch.tensor([-0.5 * gs, 0.5 * gs]))
+
+
+@pytest.mark.parametrize("impl", ["chunked", "triton"])
+def test_global_num_seqs_accumulates_like_one_batch(impl):
+    h, W, b, targets, ref, seq, labels, T = make_batch(1)
+    Wf = W.clone().requires_grad_()
+    loss, _ = linear_prm_loss(h, Wf, targets, ref, seq, labels, bias=b, impl=impl)
+    (g_whole,) = torch.autograd.grad(loss, Wf)
+    n_present = int(seq[(seq >= 0) & (targets != -100)].unique().numel())
+    cut = int((seq == 2).nonzero()[-1]) + 1  # micro-batches of whole sequences
+    total, g_acc = 0.0, torch.zeros_like(W)
+    for rows in (slice(0, cut), slice(cut, None)):
+        Wm = W.clone().requires_grad_()
+        lm, _ = linear_prm_loss(
+            h[rows], Wm, targets[rows], ref[rows], seq[rows], labels, bias=b, num_seqs=n_present, impl=impl
+        )
+        lm.backward()
+        total += float(lm.detach())
+        g_acc += Wm.grad
+    torch.testing.assert_close(torch.tensor(total), loss.detach(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(g_acc, g_whole, rtol=1e-5, atol=1e-7)
+
+
+def test_chunked_fp64_gradcheck():
+    h, W, b, targets, ref, seq, labels, T = make_batch(2, lengths=(1, 5, 2), D=4, V=9)
+    f = lambda h_, W_, b_: linear_prm_loss(h_, W_, targets, ref, seq, labels.double(), beta=0.7, temperature=0.9,
+                                          bias=b_, impl="chunked")[0]  # fmt: skip
+    assert torch.autograd.gradcheck(f, [x.double().requires_grad_() for x in (h, W, b)])
+
+
+def test_leading_dims_and_no_grad_into_ref():
+    h, W, b, targets, ref, seq, labels, T = make_batch(3, lengths=(4, 6, 2))  # 3 x (2 + n) = 18 tokens
+    ref_t = ref.float().requires_grad_()
+    hb = h.reshape(2, 9, -1)
+    loss, q = linear_prm_loss(
+        hb, W, targets.reshape(2, 9), ref_t.reshape(2, 9), seq.reshape(2, 9), labels, impl="chunked"
+    )
+    assert q.shape == (2, 9)
+    assert not loss.requires_grad  # nothing PRM-side requires grad, and ref_logp is a constant
+    loss64, _ = fp64_prm(h, W, None, targets, ref, seq, labels, beta=0.05, T=1.0)
+    assert_close(loss, loss64, "loss")
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(labels=torch.tensor([0.5, 1.2])), "labels must lie in \\[0, 1\\], found 1.2"),
+        (dict(labels=torch.tensor([1, 0])), "labels must be a float tensor"),
+        (dict(seq_ids=torch.tensor([0, 0, 1, 2])), "seq_ids must be < S = labels.shape\\[0\\] = 2, found 2"),
+        (dict(seq_ids=torch.zeros(4)), "seq_ids must be an integer"),
+        (dict(ref_logp=torch.zeros(5)), "ref_logp shape"),
+        (dict(beta=0.0), "beta must be"),
+        (dict(num_seqs=0), "num_seqs must be positive"),
+        (dict(temperature=-1.0), "temperature"),
+    ],
+)
+def test_bad_input_raises(kwargs, match):
+    args = dict(hidden=torch.randn(4, 3), weight=torch.randn(5, 3), targets=torch.zeros(4, dtype=torch.long),
+                ref_logp=torch.zeros(4), seq_ids=torch.tensor([0, 0, 1, -1]), labels=torch.tensor([0.0, 1.0]))  # fmt: skip
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        linear_prm_loss(**args)
