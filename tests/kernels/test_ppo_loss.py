@@ -6,6 +6,7 @@ import pytest
 import torch
 from fastprime.kernels import aggregation_weights, linear_ppo_loss
 from fastprime.kernels.ppo_loss import PPOOptions, ppo_epilogue
+from memory_probe import AllocationRecorder
 
 MODES = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
 HAS_TRITON_CORE = importlib.util.find_spec("fastprime.kernels.linear_logprobs_triton") is not None
@@ -247,3 +248,53 @@ def test_bad_input_raises(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         linear_ppo_loss(**args)
+
+
+# Structural memory: eager would hold N x V = 268M-element logits; on "meta" only shapes exist, so this is fast.
+BIG = dict(n=4096, d=8, v=65536)
+
+
+def ppo_fwd_bwd_recorded(impl, n, d, v, device):
+    leaf = lambda *shape: (
+        torch.randn(*shape) if device != "meta" else torch.empty(*shape, device="meta")
+    ).requires_grad_()
+    hidden, weight, bias = leaf(n, d), leaf(v, d), leaf(v)
+    per_tok = lambda: torch.zeros(n, device=device)
+    targets = torch.zeros(n, dtype=torch.long, device=device)
+    with AllocationRecorder() as rec:
+        loss, _ = linear_ppo_loss(hidden, weight, targets, per_tok(), per_tok() + 1, per_tok() + 1 / n, bias=bias,
+                                  ref_logp=per_tok(), kl_coef=0.1, entropy_coef=0.01, dual_clip=3.0, impl=impl)  # fmt: skip
+        loss.backward()
+    return rec
+
+
+def test_memory_recorder_sees_reference_logits():
+    rec = ppo_fwd_bwd_recorded("reference", **BIG, device="meta")
+    assert rec.at_least(BIG["n"] * BIG["v"]), rec.describe()
+
+
+def test_memory_chunked_never_allocates_tokens_x_vocab():
+    rec = ppo_fwd_bwd_recorded("chunked", **BIG, device="meta")
+    assert not rec.at_least(BIG["n"] * BIG["v"]), rec.describe()
+    assert rec.largest().numel <= 1 << 23, rec.describe()  # one chunk of logits at most
+
+
+@pytest.mark.skipif(not HAS_TRITON_CORE, reason="no triton core")
+def test_memory_triton_never_allocates_tokens_x_vocab():
+    n, d, v = 64, 16, 4099  # the interpreter is slow: a small CPU shape, bounded by [V, D] accumulators
+    rec = ppo_fwd_bwd_recorded("triton", n, d, v, "cpu")
+    assert rec.largest().numel <= max(v, n) * d, rec.describe()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_saved_for_backward_is_inputs_plus_per_token_state(impl):
+    h, W, b, targets, seq, mask, old, adv, ref = make_batch(5)
+    n = targets.shape[0]
+    h, W = h.requires_grad_(), W.requires_grad_()
+    inputs = {h.data_ptr(), W.data_ptr(), b.data_ptr(), targets.data_ptr()}
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        linear_ppo_loss(h, W, targets, old.float(), adv.float(), torch.full((n,), 0.1), bias=b, ref_logp=ref.float(),
+                        kl_coef=0.1, entropy_coef=0.01, impl=impl)  # fmt: skip
+    extra = [tuple(t.shape) for t in saved if t.data_ptr() not in inputs]
+    assert saved and all(t.numel() <= n for t in saved if t.data_ptr() not in inputs), f"saved: {extra}"

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 from fastprime.kernels import linear_prm_loss
+from memory_probe import AllocationRecorder
 
 IMPLS = ["reference", "chunked", "triton"]
 
@@ -167,3 +168,58 @@ def test_bad_input_raises(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         linear_prm_loss(**args)
+
+
+# Structural memory: eager would hold N x V = 268M-element logits; on "meta" only shapes exist, so this is fast.
+BIG = dict(n=4096, d=8, v=65536)
+
+
+def prm_fwd_bwd_recorded(impl, n, d, v, device):
+    leaf = lambda *shape: (
+        torch.randn(*shape) if device != "meta" else torch.empty(*shape, device="meta")
+    ).requires_grad_()
+    hidden, weight, bias = leaf(n, d), leaf(v, d), leaf(v)
+    targets = torch.zeros(n, dtype=torch.long, device=device)
+    seq = (
+        (torch.arange(n, device=device) // 64)
+        if device != "meta"
+        else torch.zeros(n, dtype=torch.long, device=device)
+    )
+    labels = torch.full((n // 64 + 1,), 0.5, device=device)
+    with AllocationRecorder() as rec:
+        loss, _ = linear_prm_loss(
+            hidden, weight, targets, torch.zeros(n, device=device), seq, labels, bias=bias, impl=impl
+        )
+        loss.backward()
+    return rec
+
+
+def test_memory_recorder_sees_reference_logits():
+    rec = prm_fwd_bwd_recorded("reference", **BIG, device="meta")
+    assert rec.at_least(BIG["n"] * BIG["v"]), rec.describe()
+
+
+def test_memory_chunked_never_allocates_tokens_x_vocab():
+    rec = prm_fwd_bwd_recorded("chunked", **BIG, device="meta")
+    assert not rec.at_least(BIG["n"] * BIG["v"]), rec.describe()
+    assert rec.largest().numel <= 1 << 23, rec.describe()
+
+
+def test_memory_triton_never_allocates_tokens_x_vocab():
+    n, d, v = 64, 16, 4099  # the interpreter is slow: a small CPU shape, bounded by [V, D] accumulators
+    rec = prm_fwd_bwd_recorded("triton", n, d, v, "cpu")
+    assert rec.largest().numel <= max(v, n) * d, rec.describe()
+
+
+@pytest.mark.parametrize("impl", ["chunked", "triton"])
+def test_saved_for_backward_is_inputs_plus_per_token_state(impl):
+    h, W, b, targets, ref, seq, labels, T = make_batch(5)
+    n = targets.shape[0]
+    h, W = h.requires_grad_(), W.requires_grad_()
+    ref32 = ref.float()
+    inputs = {h.data_ptr(), W.data_ptr(), b.data_ptr(), targets.data_ptr(), seq.data_ptr(), ref32.data_ptr()}
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        linear_prm_loss(h, W, targets, ref32, seq, labels, bias=b, impl=impl)
+    extra = [tuple(t.shape) for t in saved if t.data_ptr() not in inputs]
+    assert saved and all(t.numel() <= n for t in saved if t.data_ptr() not in inputs), f"saved: {extra}"
