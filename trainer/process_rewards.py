@@ -39,6 +39,9 @@ def process_token_rewards(
         norm: "batch_norm": divide all of r by `max_{i,t} |sum_{s>=t} r[i, s]| + 1e-6` (the largest absolute
             process return-to-go among the rows given, so process returns lie in [-1, 1]); "none".
 
+    The maximum is over the rows passed in: call it once on the iteration's whole batch (the reference code
+    normalises after its PRM pass over all of a rank's data), not once per mini-batch.
+
     Returns:
         r: [n, T] in fp32 (fp64 if q is fp64), exactly 0 outside the mask. PyTorch equivalent:
         `r = q * mask; r = r / (r.flip(-1).cumsum(-1).flip(-1).abs().max() + 1e-6)` for token/batch_norm.
