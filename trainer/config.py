@@ -17,6 +17,8 @@ from typing import Any, Literal
 import tyro
 import yaml
 
+from fastprime.trainer.warmstart import WarmStartConfig
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
 
@@ -37,6 +39,8 @@ class ModelConfig:
     """Recompute each decoder block's activations in the backward pass (saves memory, costs ~1/3 more compute)."""
     mixed_precision: bool = True
     """On GPU: bf16 compute over fp32 master weights with fp32 gradient reduce. CPU always runs fp32."""
+    warm_start: bool = True
+    """Demo only: supervised warm start on the task's worked solutions before RL (settings in `warmstart`)."""
 
 
 @dataclass
@@ -159,18 +163,6 @@ class AlgorithmConfig:
     """Whiten the summed returns over all valid tokens of the batch."""
     process_loo: Literal["reference", "paper"] = "reference"
     """Leave-one-out baseline of the process rewards: the reference code's form or the paper's Eq. 5."""
-
-
-@dataclass
-class WarmStartConfig:
-    enabled: bool = True
-    """Demo only: run the supervised warm start before RL."""
-    steps: int = 300
-    """Demo only: supervised steps."""
-    lr: float = 3e-3
-    """Demo only: supervised learning rate."""
-    batch_size: int = 32
-    """Demo only: supervised batch size."""
 
 
 @dataclass

@@ -3,6 +3,7 @@
 import dataclasses
 
 import pytest
+
 from fastprime.trainer.config import (
     DEFAULT_CONFIG,
     REPO_ROOT,

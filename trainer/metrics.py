@@ -1,0 +1,164 @@
+"""Run outputs: metrics.jsonl (one JSON object per iteration), a tqdm bar, optional TensorBoard / W&B, a PNG.
+
+Only rank 0 writes; other ranks get a logger whose calls do nothing. Non-finite numbers are written as null
+so that every line stays valid JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import time
+from typing import Any
+
+PLOTTED = (
+    ("outcome/acc_mean", "training accuracy (all rollouts)"),
+    ("eval/acc", "held-out greedy accuracy"),
+    ("prm/pairwise_acc", "PRM pairwise accuracy"),
+    ("prm/loss", "PRM loss"),
+    ("policy/entropy", "policy entropy"),
+    ("response/length_mean", "response length (tokens)"),
+)
+BAR_KEYS = (
+    ("outcome/acc_mean", "acc"),
+    ("eval/acc", "eval"),
+    ("prm/loss", "prm"),
+    ("time/iteration_s", "s/it"),
+)
+
+
+def _clean(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+class MetricsLogger:
+    """Writes each iteration's record to `<run>/metrics.jsonl` (appending on resume) and to the optional sinks."""
+
+    def __init__(
+        self,
+        run_dir: str | pathlib.Path,
+        *,
+        enabled: bool,
+        total: int,
+        initial: int = 0,
+        progress: bool = True,
+        tensorboard: bool = False,
+        wandb: bool = False,
+        wandb_project: str = "fastprime",
+        config: dict | None = None,
+        truncate_after: int | None = None,
+    ) -> None:
+        self.enabled = enabled
+        self.path = pathlib.Path(run_dir) / "metrics.jsonl"
+        self.bar = self.tb = self.wandb = None
+        self.last: dict[str, Any] = {}
+        if not enabled:
+            return
+        if truncate_after is not None:
+            self._truncate(truncate_after)
+        if progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc="PRIME", unit="it", dynamic_ncols=True)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(pathlib.Path(run_dir) / "tb"))
+        if wandb:
+            import wandb as wb
+
+            self.wandb = wb.init(
+                project=wandb_project, name=pathlib.Path(run_dir).name, config=config, resume="allow"
+            )
+
+    def _truncate(self, step: int) -> None:
+        """On resume, drop lines written after the checkpoint's step so the file has each step once."""
+        if not self.path.is_file():
+            return
+        lines = [ln for ln in self.path.read_text().splitlines() if ln.strip()]
+        keep = [ln for ln in lines if json.loads(ln).get("step", 0) <= step]
+        self.path.write_text("".join(ln + "\n" for ln in keep))
+
+    def log(self, record: dict[str, Any], *, advance: bool = True) -> None:
+        """Append one record (must contain `step`); advance the progress bar by one iteration if asked."""
+        if not self.enabled:
+            return
+        record = {k: _clean(v) for k, v in record.items()}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.last.update({k: v for k, v in record.items() if v is not None})
+        step = record["step"]
+        numbers = {
+            k: v for k, v in record.items() if isinstance(v, (int, float)) and v is not None and k != "step"
+        }
+        if self.tb is not None:
+            for k, v in numbers.items():
+                self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(numbers, step=step)
+        if self.bar is not None:
+            self.bar.set_postfix(
+                {
+                    short: f"{self.last[k]:.3g}"
+                    for k, short in BAR_KEYS
+                    if isinstance(self.last.get(k), (int, float))
+                },
+                refresh=False,
+            )
+            if advance:
+                self.bar.update(1)
+
+    def write(self, message: str) -> None:
+        """Print a line without breaking the progress bar."""
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(message)
+        else:
+            print(message, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def read_metrics(path: str | pathlib.Path) -> list[dict]:
+    """All records of a metrics.jsonl file."""
+    return [json.loads(ln) for ln in pathlib.Path(path).read_text().splitlines() if ln.strip()]
+
+
+def plot_curves(metrics_path: str | pathlib.Path, out_path: str | pathlib.Path) -> pathlib.Path:
+    """A PNG with one panel per main curve (those of PLOTTED present in the file) against the iteration."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics_path)
+    present = [(k, title) for k, title in PLOTTED if any(r.get(k) is not None for r in records)]
+    cols = 3
+    rows = max(1, math.ceil(len(present) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
+    for ax, (k, title) in zip(axes.flat, present):
+        pts = [(r["step"], r[k]) for r in records if r.get(k) is not None]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if len(pts) < 30 else None, ms=3)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(present) :]:
+        ax.axis("off")
+    fig.suptitle(
+        f"fastprime run {pathlib.Path(metrics_path).parent.name} ({time.strftime('%Y-%m-%d %H:%M')})"
+    )
+    fig.tight_layout()
+    out_path = pathlib.Path(out_path)
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+    return out_path
