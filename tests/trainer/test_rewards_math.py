@@ -1,0 +1,211 @@
+"""Math verifier: public grader test cases (not written by this project) and hand-written hacking probes.
+
+Cases: /work/shared/data/verifier_cases (Math-Verify, PRIME/verl and Qwen2.5-Math grader tests; see its
+README). Strict cases only: `ambiguous` and `caveat` ones encode a tolerance policy or a grader convention.
+These run in-process (no pool) because none of them is slow; hostile inputs go through the pool in
+test_rewards_pool.py.
+"""
+
+import functools
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from fastprime.trainer.rewards.math_answer import boxed_contents, extract_answer, extract_choice
+from fastprime.trainer.rewards.math_equal import answers_equal, score_math
+
+CASES_DIR = Path("/work/shared/data/verifier_cases")
+CASE_FILES = ["math_verify_cases.jsonl", "prime_cases.jsonl", "qwen_cases.jsonl"]
+
+# Strict cases where this verifier's verdict differs from the file's, each for a stated reason.
+KNOWN_DISAGREEMENTS = {
+    # 0.33 for 1/3 (2 significant digits): Math-Verify's own test grades it at float_rounding=2; our policy
+    # accepts a rounded decimal only with >= 3 significant digits, so "1.4" never passes for sqrt(2).
+    ("math_verify_cases.jsonl", 134),
+    # Same pair (1/3 vs 0.333, 4/3 vs 1.333) appears as True at float_rounding=3 (lines 271, 273) and
+    # False at float_rounding=4: one grader cannot pass both; we follow the 3-significant-digit policy.
+    ("math_verify_cases.jsonl", 272),
+    ("math_verify_cases.jsonl", 274),
+    # Gold "W(n) = 1 and W(n) = -1" (escaped backslashes, unclosed box) vs "W(x)=1orW(x)=-1": different
+    # variable names under strict comparison.
+    ("math_verify_cases.jsonl", 219),
+    # A Python nested list "[[0,1], [1,0]]" as a matrix: not LaTeX, left unsupported.
+    ("prime_cases.jsonl", 10),
+}
+
+
+def _strict_math_cases():
+    if not CASES_DIR.is_dir():
+        return []
+    out = []
+    for name in CASE_FILES:
+        for line_no, line in enumerate((CASES_DIR / name).read_text().splitlines(), 1):
+            row = json.loads(line)
+            if row.get("kind") == "math" and not row.get("ambiguous") and not row.get("caveat"):
+                out.append(pytest.param(row, (name, line_no), id=f"{name}:{line_no}"))
+    return out
+
+
+STRICT = _strict_math_cases()
+
+
+@functools.cache
+def _verdict(key):
+    row = next(p.values[0] for p in STRICT if p.values[1] == key)
+    return score_math(row["pred"], row["gold"])[0] == 1.0
+
+
+@pytest.mark.skipif(not STRICT, reason="shared verifier cases not present")
+def test_strict_case_count_and_accuracy_beats_math_verify():
+    # The README measures math-verify 0.9.0 at 268 of these 285.
+    assert len(STRICT) == 285
+    correct = sum(
+        (score_math(p.values[0]["pred"], p.values[0]["gold"])[0] == 1.0) == p.values[0]["expected"]
+        for p in STRICT
+    )
+    assert correct == len(STRICT) - len(KNOWN_DISAGREEMENTS), f"{correct}/{len(STRICT)}"
+    assert correct > 268
+
+
+@pytest.mark.parametrize("row,key", STRICT)
+def test_strict_case(row, key):
+    verdict = _verdict(key)
+    expected = row["expected"] != (key in KNOWN_DISAGREEMENTS)
+    assert verdict == expected, (
+        f"gold={row['gold'][:80]!r} pred=...{row['pred'][-120:]!r} got {verdict}, "
+        f"extracted gold={extract_answer(row['gold'])!r} pred={extract_answer(row['pred'])!r}"
+    )
+
+
+def _parse_cases():
+    path = CASES_DIR / "math_verify_parse_cases.jsonl"
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    # The string-extraction cases for choices A-D; the others test Math-Verify config switches.
+    return [r for r in rows if "StringExtractionConfig(strings=('A', 'B', 'C', 'D')" in str(r.get("config"))]
+
+
+@pytest.mark.parametrize("row", _parse_cases(), ids=lambda r: r["pred"][:30])
+def test_multiple_choice_extraction_cases(row):
+    expected = row["expected_parse"]
+    got = extract_choice(row["pred"])
+    if not expected:
+        assert got is None
+        assert score_math(row["pred"], "A")[0] == 0.0 and score_math(row["pred"], "B")[0] == 0.0
+    else:
+        assert got == expected[1], got
+        assert score_math(row["pred"], expected[1])[0] == 1.0
+        wrong = "D" if expected[1] != "D" else "C"
+        assert score_math(row["pred"], wrong)[0] == 0.0
+
+
+# (gold, response, expected score): hand-written probes of the weaknesses named in issue 4.
+PROBES = [
+    # hedges: several candidates never match a single gold
+    ("2", r"The answer is \boxed{2 or 3}", 0),
+    ("2", r"\boxed{2} or \boxed{3}", 0),
+    ("3", r"so \boxed{2}. Alternatively \boxed{3}", 0),
+    ("2", r"\boxed{2, 3}", 0),
+    ("2", r"\boxed{2 \text{ or } 3}", 0),
+    ("2", "The answer is 2 or 3.", 0),
+    ("2", r"\boxed{\pm 2}", 0),
+    ("2", r"\boxed{2 \text{ or possibly } 3}", 0),
+    ("2", r"\boxed{2 \text{, maybe}}", 0),
+    ("C", r"\boxed{C \text{ or } D}", 0),
+    # ...but a real list of solutions still matches a list gold
+    (r"\{2,3\}", r"\boxed{2 \text{ or } 3}", 1),
+    ("x=2, x=3", r"\boxed{x = 2 \text{ or } x = 3}", 1),
+    ("2", r"\boxed{2} and later again \boxed{2}", 1),
+    # tiny differences
+    (r"\frac{1}{2006!}", r"\boxed{\frac{1}{2004!}}", 0),
+    (r"\frac{1}{2006!}", r"\boxed{\frac{1}{2006!}}", 1),
+    (r"2\times10^{-20}", r"\boxed{1\times 10^{-20}}", 0),
+    ("2e-20", r"\boxed{1e-20}", 0),
+    ("2e-20", r"\boxed{2\times 10^{-20}}", 1),
+    ("1.5E+3", r"\boxed{1500}", 1),
+    (r"\sqrt{2}", r"\boxed{\sqrt{2}+10^{-100}}", 0),
+    ("1", r"\boxed{1+10^{-100}}", 0),
+    ("0", r"\boxed{0.0000001}", 0),
+    # relative tolerance 1e-4 and the rounding rule
+    ("1000", r"\boxed{1000.00001}", 1),
+    ("1000", r"\boxed{1000.3}", 0),
+    (r"\frac13", r"\boxed{0.333}", 1),
+    (r"\frac13", r"\boxed{0.3}", 0),
+    (r"\sqrt2", r"\boxed{1.4}", 0),
+    (r"\sqrt2", r"\boxed{1.41421}", 1),
+    # percent policy (see math_equal's docstring)
+    ("28", r"\boxed{0.28}", 0),
+    ("28", r"\boxed{2800}", 0),
+    ("28", r"\boxed{28\%}", 1),
+    (r"28\%", r"\boxed{0.28}", 1),
+    (r"28\%", r"\boxed{28}", 1),
+    (r"28\%", r"\boxed{2800}", 0),
+    (r"28\%", r"\boxed{0.28\%}", 0),
+    ("0.28", r"\boxed{28\%}", 1),
+    ("0.28", r"\boxed{28}", 0),
+    # symbolic equality
+    (r"\frac{\sqrt{2}}{2}", r"\boxed{\frac{1}{\sqrt{2}}}", 1),
+    (r"\sqrt2+\sqrt3", r"\boxed{\sqrt{5+2\sqrt6}}", 1),
+    (r"\pi", r"\boxed{\pi}", 1),
+    (r"\pi", r"\boxed{3.14}", 1),  # correctly rounded, 3 significant digits
+    (r"\pi", r"\boxed{3.15}", 0),
+    (r"\pi", r"\boxed{3.1}", 0),
+    # multiple choice
+    ("C", r"\boxed{C}", 1),
+    ("C", "The answer is (C).", 1),
+    ("(C)", r"\boxed{\text{C}}", 1),
+    ("C", r"\boxed{D}", 0),
+    # equations and unicode
+    ("3", r"x = \boxed{3}", 1),
+    ("x=3", r"\boxed{3}", 1),
+    ("-42", "The answer is \\boxed{\u221242}", 1),
+    ("12", "\\boxed{\uff11\uff12}", 1),
+    (r"\pi", "\\boxed{\u03c0}", 1),
+    # nothing to grade
+    ("2", "", 0),
+    ("2", "no answer here at all", 0),
+]
+
+
+@pytest.mark.parametrize("gold,response,expected", PROBES, ids=[f"{g}|{r[:25]}" for g, r, _ in PROBES])
+def test_probe(gold, response, expected):
+    assert score_math(response, gold)[0] == expected
+
+
+def test_eval_injection_is_never_executed(tmp_path):
+    # One popular grader evals any answer containing \pi; the payload would create a file.
+    marker = tmp_path / "pwned"
+    payload = f"__import__('os').system('touch {marker}')"
+    for response in (
+        rf"\boxed{{\pi + {payload}}}",
+        rf"The answer is $\pi*{payload}$",
+        f"The final answer is {payload}",
+        f"answer: 3+{payload}",
+    ):
+        assert score_math(response, r"\pi")[0] == 0.0
+    assert not marker.exists()
+    assert not os.path.exists("/tmp/pwn")
+
+
+def test_boxed_contents_balanced_and_deep():
+    assert boxed_contents(r"a \boxed{\frac{1}{2}} b \fbox{3} c \boxed 7") == [r"\frac{1}{2}", "3", "7"]
+    assert boxed_contents(r"\boxed{\{1,2\}}") == [r"\{1,2\}"]
+    assert boxed_contents(r"\boxed{unclosed {") == []
+    deep = "{" * 100_000 + "x" + "}" * 100_000
+    assert boxed_contents(r"\boxed" + deep) == [deep[1:-1]]
+
+
+def test_answers_equal_rejects_oversized_without_parsing():
+    big = "1+" * 5000 + "1"
+    assert answers_equal("10001", big) is False
+    assert answers_equal(big, big) is True  # identical texts need no parsing
+
+
+def test_malformed_inputs_are_counted_not_raised():
+    assert score_math(None, "2") == (0.0, "malformed")
+    assert score_math("\\boxed{2}", 2) == (0.0, "malformed")
+    assert score_math("\\boxed{2}", "") == (0.0, "malformed")
+    assert score_math("I do not know", "2") == (0.0, "no_answer")

@@ -1,0 +1,205 @@
+"""Final-answer extraction from a model's math response (and from a gold answer or gold solution).
+
+Order of precedence, applied to the response text:
+1. every `\\boxed{...}` / `\\fbox{...}` (balanced braces, linear scan, any nesting depth). One distinct box is
+   the answer; several *different* boxes are all kept and joined into one list "a, b, c", so that a response
+   that boxes two candidates ("\\boxed{2} ... or maybe \\boxed{3}") is graded as the set {2, 3}: it matches a
+   gold that really is {2, 3} and never a gold of 2 alone.
+2. a bare answer: short text with no LaTeX delimiters and no prose is taken whole (gold answers are mostly
+   like this: "\\frac{1}{2}", "(1,4.5]", "x=3").
+3. math-verify 0.9.0's anchored extraction ("final answer is $...$", "answer: ...", the last LaTeX environment,
+   the last number), with its plain-expression parser replaced by the LaTeX parser so that nothing a model
+   wrote is ever passed to Python's `eval` (sympy's `parse_expr` evals its input).
+The result is a LaTeX string; `math_equal` parses and compares it.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+__all__ = ["boxed_contents", "extract_answer", "extract_choice", "choice_letter"]
+
+# A response longer than this is cut to its tail before the regex fallbacks: the answer is at the end, and the
+# math-verify regexes are super-linear on long inputs.
+MAX_TAIL_CHARS = 8000
+
+_BOX_RE = re.compile(r"\\(?:boxed|fbox)\s*(\{)?")
+_DELIMS_RE = re.compile(r"\$|\\\(|\\\[")
+# Three or more letters in a row that are not a LaTeX command: prose, not an answer.
+_PROSE_WORD_RE = re.compile(r"(?<![\\a-zA-Z])[a-zA-Z]{3,}")
+_ANSWER_WORDS = {"and", "or", "pct", "percent", "percentage", "cm", "mm", "km", "inches", "feet", "meters"}
+_ANSWER_PHRASE_RE = re.compile(r"(?i)answer(?:\s+is)?\s*:?\s*([^\n]{1,100}?)(?:\.\s|\.$|\n|$)")
+_HEDGE_WORD_RE = re.compile(r"(?i)(?<![a-z\\])(or|either|maybe|possibly|perhaps|probably)(?![a-z])")
+_FINAL_ANSWER_RE = re.compile(r"(?i)final answer")
+_CHOICE_RE = re.compile(r"^\s*(?:\\text(?:bf)?\{\s*)?\(?\s*([A-E])\s*\)?\s*\}?\s*\.?\s*$")
+_CHOICE_IN_TEXT_RE = re.compile(
+    r"(?i:answer|choice|option)(?:\s+is)?\s*:?\s*(?:\*\*)?\s*\(?([A-E])\)?(?:\*\*)?(?=\s*$|[.,;:])"
+)
+
+
+def boxed_contents(text: str) -> list[str]:
+    """Contents of every `\\boxed{...}`/`\\fbox{...}` in `text`, in order; an unclosed box is ignored.
+
+    Braces are matched by a counting scan (no recursion), so arbitrarily deep nesting costs linear time.
+    `\\boxed 5` (no brace) yields the next token, as LaTeX does.
+    """
+    out = []
+    pos = 0
+    while True:
+        m = _BOX_RE.search(text, pos)
+        if m is None:
+            return out
+        if m.group(1) is None:
+            tok = re.match(r"\s*([^\s$\\{}]+)", text[m.end() :])
+            if tok:
+                out.append(tok.group(1))
+            pos = m.end()
+            continue
+        depth, i = 1, m.end()
+        n = len(text)
+        while i < n and depth:
+            c = text[i]
+            if c == "\\" and i + 1 < n:
+                i += 2  # an escaped brace \{ or \} does not count
+                continue
+            if c == "{":
+                depth += 1
+            elif c == "}":
+                depth -= 1
+            i += 1
+        if depth:
+            return out
+        out.append(text[m.end() : i - 1])
+        pos = i
+
+
+def _is_bare_answer(text: str) -> bool:
+    if len(text) > 200 or _DELIMS_RE.search(text):
+        return False
+    latex_words = r"\\(?:text\w*|begin|end|operatorname|mathrm|mbox)\s*\{[^{}]*\}"
+    words = [w.lower() for w in _PROSE_WORD_RE.findall(re.sub(latex_words, " ", text))]
+    return all(w in _ANSWER_WORDS for w in words)
+
+
+def _plain_number(text: str) -> str:
+    # Plain-text number formats (not LaTeX): "1 000" groups digits, "1000,99" and "0,5" use a decimal comma.
+    # "1,000" stays a thousands separator and "1, 2" (with a space) stays a list.
+    t = text.strip()
+    if re.fullmatch(r"-?\d{1,3}(?: \d{3})+(?:\.\d+)?", t):
+        return t.replace(" ", "")
+    if re.fullmatch(r"-?\d+,\d+", t) and not re.fullmatch(r"-?[1-9]\d{0,2},\d{3}", t):
+        return t.replace(",", ".")
+    return t
+
+
+def choice_letter(answer: str) -> str | None:
+    """The multiple-choice letter A-E if `answer` is only a letter ("C", "(C)", "\\text{(C)}"), else None."""
+    m = _CHOICE_RE.match(answer)
+    return m.group(1) if m else None
+
+
+def _math_verify_fallback(text: str) -> str | None:
+    """math-verify's `extract_target_from_pred` (same patterns, priorities and order), returning the string of
+    the match that parsed rather than of the first match tried."""
+    from itertools import groupby
+
+    from math_verify.grader import get_pct_val
+    from math_verify.parser import (
+        ExprExtractionConfig,
+        LatexExtractionConfig,
+        extract_match,
+        get_extraction_regexes,
+    )
+
+    from fastprime.trainer.rewards.math_parse import no_eval_expr_parser
+
+    regexes = get_extraction_regexes([LatexExtractionConfig(), ExprExtractionConfig()])
+    patterns = sorted(((p, t, prio) for pats, t in regexes for p, prio in pats), key=lambda x: x[2])
+    first_string = None
+    with no_eval_expr_parser():
+        for _, group in groupby(patterns, key=lambda x: x[2]):
+            matches = [(m, t) for p, t, _ in group for m in p.finditer(text)]
+            matches.sort(key=lambda x: (x[0].end(), -x[0].start()), reverse=True)
+            for m, target in matches:
+                expr, string = extract_match(m, target)
+                if first_string is None and string:
+                    first_string = string
+                if expr is not None and string:
+                    if get_pct_val(expr) is not None and "%" not in string:
+                        string += r"\%"
+                    return string
+    return first_string
+
+
+def extract_choice(text: str) -> str | None:
+    """The multiple-choice letter A-E a response picks, for a gold that is a letter; None if unclear.
+
+    A boxed or "answer is" letter first; then a response that starts with "B." or "(B)"; then the only
+    stand-alone capital A-E in the text (two different ones are ambiguous: None).
+    """
+    answer = extract_answer(text)
+    if answer is not None and choice_letter(answer):
+        return choice_letter(answer)
+    if not isinstance(text, str):
+        return None
+    m = re.match(r"\s*(?:\*\*)?\(?([A-E])\)?(?:\*\*)?(?:[.:,)]|\s*$)", text)
+    if m:
+        return m.group(1)
+    letters = set(re.findall(r"(?<![\w\\])([A-E])(?![\w])", text[-MAX_TAIL_CHARS:]))
+    return letters.pop() if len(letters) == 1 else None
+
+
+def extract_answer(text: str) -> str | None:
+    """The final answer of a response (or of a gold solution) as a LaTeX string, or None if there is none.
+
+    `text` is the full model output; see the module docstring for the precedence.
+    """
+    if not isinstance(text, str):
+        return None
+    # NFKC folds full-width digits and letters; a unicode minus would hide a number's sign from the regexes.
+    text = unicodedata.normalize("NFKC", text).replace("\u2212", "-").strip()
+    if not text:
+        return None
+    boxes = [b.strip() for b in boxed_contents(text)]
+    boxes = [b for b in boxes if b]
+    if boxes:
+        # "Final answer: ... is $x$" written after the last box states the answer outright and wins.
+        after = text[text.rfind("}") + 1 :][-MAX_TAIL_CHARS:]
+        if _FINAL_ANSWER_RE.search(after):
+            stated = _math_verify_fallback(after)
+            if stated:
+                return _strip_end(stated)
+        distinct: list[str] = []
+        seen = set()
+        for b in boxes:
+            key = re.sub(r"\s+", "", b)
+            if key not in seen:
+                seen.add(key)
+                distinct.append(b)
+        return _strip_end(distinct[0] if len(distinct) == 1 else ", ".join(distinct))
+    if _is_bare_answer(text):
+        return _plain_number(text)
+    tail = text[-MAX_TAIL_CHARS:]
+    m = _last_match(_CHOICE_IN_TEXT_RE, tail)
+    if m is not None and not re.search(r"\$|\\\(", tail[m.end() : m.end() + 3]):
+        return m.group(1)
+    phrase = _last_match(_ANSWER_PHRASE_RE, tail)
+    if phrase is not None and _HEDGE_WORD_RE.search(phrase.group(1)):
+        # "The answer is 2 or 3." states two candidates; keep them both so the grader sees a hedge.
+        return _strip_end(phrase.group(1).replace("$", " ").strip())
+    found = _math_verify_fallback(tail)
+    return _strip_end(found) if found else None
+
+
+def _last_match(pattern: re.Pattern, text: str) -> re.Match | None:
+    last = None
+    for last in pattern.finditer(text):  # noqa: B007 - keeping the last one is the point
+        pass
+    return last
+
+
+def _strip_end(answer: str) -> str | None:
+    # A sentence's full stop is not part of the answer ("... is 2/3.").
+    answer = re.sub(r"(?:\s|\\[,;!]|[.;:,])+$", "", answer)
+    return answer or None

@@ -1,0 +1,206 @@
+"""The sandboxed child of `code_sandbox`: a standalone script, run as `python -I -S sandbox_child.py`.
+
+It starts as root (when the verifier runs as root), locks itself in, then runs the untrusted program in this
+same interpreter:
+1. reads its job (JSON) from the inherited fd given in argv[1] and closes it;
+2. isolation, each step best effort and reported on stderr if unavailable: a new network namespace (no
+   network at all) and a new mount namespace where /tmp, /work, /root, /home, /var/tmp, /dev/shm, /run and
+   /mnt are replaced by empty tmpfs mounts (so the project, the data and other jobs' files are invisible);
+3. a fresh working directory on that tmpfs (or the parent-made one when namespaces are unavailable);
+4. resource limits: CPU seconds, address space, file size, process count, open files, no core dumps;
+5. drops to an unprivileged uid/gid with no supplementary groups (RLIMIT_NPROC binds only non-root);
+6. runs the program: "stdio" mode executes it as __main__ (stdin/stdout are the test's files), "call"
+   mode calls one function and "assert" mode evaluates one test expression; for those two the result is
+   reduced to plain JSON data (exact builtin types only, so an object whose __eq__ always returns True
+   cannot be reported) and written to the result fd, prefixed with a per-run nonce. The parent alone holds
+   the expected outputs and decides pass/fail; exit status is never trusted.
+Must only use the standard library: it runs under the system interpreter, outside the project's venv.
+"""
+
+import ast
+import builtins
+import ctypes
+import json
+import os
+import resource
+import sys
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWNET = 0x40000000
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+MS_NOSUID = 2
+MS_NODEV = 4
+HIDDEN_DIRS = ("/tmp", "/work", "/root", "/home", "/var/tmp", "/dev/shm", "/run", "/mnt")
+PRELUDE = (
+    "import sys, math, itertools, collections, heapq, bisect, functools, string, re, random\n"
+    "from typing import *\n"
+    "from collections import *\n"
+    "from itertools import *\n"
+    "from functools import *\n"
+    "from heapq import *\n"
+    "from bisect import *\n"
+    "from math import *\n"
+)
+
+
+def _isolate(job, libc):
+    notes = []
+    mounted = False
+    if libc.unshare(CLONE_NEWNET) != 0:
+        notes.append("no network namespace")
+    if libc.unshare(CLONE_NEWNS) == 0 and libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) == 0:
+        mounted = True
+        opts = b"size=%dm,mode=0755" % max(1, job["fsize_mb"] * 2)
+        for d in HIDDEN_DIRS:
+            if (
+                os.path.isdir(d)
+                and libc.mount(b"tmpfs", d.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, opts) != 0
+            ):
+                notes.append("could not hide " + d)
+    else:
+        notes.append("no mount namespace")
+    return mounted, notes
+
+
+def _limits(job):
+    cpu = int(job["timeout_s"]) + 1
+    mem = job["memory_mb"] * 1024 * 1024
+    fsize = job["fsize_mb"] * 1024 * 1024
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+    resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+    if job["uid"] is not None:
+        resource.setrlimit(resource.RLIMIT_NPROC, (job["max_procs"], job["max_procs"]))
+
+
+def _plain(x, depth=0, _type=type, _len=len):
+    # Exact types only: a subclass (or any object) could lie in __eq__, __str__ or __iter__.
+    t = _type(x)
+    if depth > 50:
+        raise TypeError("result nested too deeply")
+    if x is None or t in (bool, int, str):
+        return x
+    if t is float:
+        return x if x == x and x not in (float("inf"), float("-inf")) else repr(x)
+    if t in (list, tuple):
+        return [_plain(v, depth + 1) for v in x]
+    if t is dict:
+        return {
+            str(k) if _type(k) in (int, str, bool) else repr(k): _plain(v, depth + 1) for k, v in x.items()
+        }
+    raise TypeError("unsupported result type " + t.__name__)
+
+
+_PLAIN_TYPES = (type(None), bool, int, float, complex, str, bytes, list, tuple, dict, set, frozenset)
+
+
+def _check_plain(x, depth=0, _type=type):
+    """Return `x` unchanged if it is built only from exact builtin types, else raise TypeError."""
+    t = _type(x)
+    if t not in _PLAIN_TYPES or depth > 50:
+        raise TypeError("call returned a non-plain " + t.__name__)
+    if t in (list, tuple, set, frozenset):
+        for v in x:
+            _check_plain(v, depth + 1)
+    elif t is dict:
+        for k, v in x.items():
+            _check_plain(k, depth + 1)
+            _check_plain(v, depth + 1)
+    return x
+
+
+class _WrapCalls(ast.NodeTransformer):
+    def visit_Call(self, node):
+        self.generic_visit(node)
+        return ast.Call(func=ast.Name("__fp_check__", ast.Load()), args=[node], keywords=[])
+
+
+def main():
+    cfg_fd = int(sys.argv[1])
+    with os.fdopen(cfg_fd, "rb") as f:
+        job = json.loads(f.read())
+    nonce = job["nonce"]
+    res_fd = job["result_fd"]
+    dumps, write, exit_, getattr_ = json.dumps, os.write, os._exit, getattr
+    safe_builtins = dict(vars(builtins))
+    workdir = job["workdir"]
+    if job["uid"] is not None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        mounted, notes = _isolate(job, libc)
+        if mounted:
+            workdir = "/tmp/box"
+            os.makedirs(workdir, mode=0o700)
+            os.chown(workdir, job["uid"], job["uid"])
+        for n in notes:
+            sys.stderr.write("sandbox: " + n + "\n")
+    path = os.path.join(workdir, "solution.py")
+    with open(path, "w") as f:
+        f.write(job["code"])
+    if job["uid"] is not None:
+        os.chown(path, job["uid"], job["uid"])
+    _limits(job)
+    if job["uid"] is not None:
+        os.setgroups([])
+        os.setgid(job["uid"])
+        os.setuid(job["uid"])
+    os.chdir(workdir)
+    sys.argv = [path]
+    sys.path.insert(0, workdir)
+
+    def report(payload):
+        write(res_fd, (nonce + dumps(payload) + "\n").encode())
+
+    mode = job["mode"]
+    ns = {
+        "__name__": "__main__" if mode == "stdio" else "solution",
+        "__file__": path,
+        "__builtins__": builtins,
+    }
+    try:
+        code = compile((PRELUDE if mode != "stdio" else "") + job["code"], path, "exec")
+    except BaseException as e:  # noqa: BLE001 - a syntax error is a failed test, reported like any other
+        report({"ok": False, "error": "compile: " + _type_name(e)})
+        exit_(0)
+    if mode == "stdio":
+        try:
+            exec(code, ns)
+        finally:
+            sys.stdout.flush()
+        return
+    try:
+        exec(code, ns)
+        if mode == "call":
+            fn_name = job["fn_name"]
+            if "Solution" in ns and isinstance(ns["Solution"], type) and hasattr(ns["Solution"], fn_name):
+                fn = getattr_(ns["Solution"](), fn_name)
+            else:
+                fn = ns[fn_name]
+            value = fn(*job["args"])
+        else:
+            tree = ast.parse(job["test"].strip(), mode="exec").body[0]
+            expr = tree.test if isinstance(tree, ast.Assert) else tree.value
+            if isinstance(expr, ast.Compare) and len(expr.ops) == 1 and isinstance(expr.ops[0], ast.Eq):
+                expr = expr.left  # the parent compares it with the right-hand side itself
+            # Every call's result must be plain data before any operator touches it, and the test's own
+            # builtins are the ones saved before the program ran (it may have replaced abs, sorted, ...).
+            expr = ast.fix_missing_locations(_WrapCalls().visit(expr))
+            test_globals = dict(ns)
+            test_globals.update(__builtins__=safe_builtins, __fp_check__=_check_plain)
+            value = eval(compile(ast.Expression(expr), "<test>", "eval"), test_globals)
+        out = _plain(value)
+    except BaseException as e:  # noqa: BLE001 - SystemExit and KeyboardInterrupt included: all fail the test
+        report({"ok": False, "error": _type_name(e)})
+        exit_(0)
+    report({"ok": True, "value": out})
+    exit_(0)
+
+
+def _type_name(e):
+    return type(e).__name__
+
+
+if __name__ == "__main__":
+    main()
