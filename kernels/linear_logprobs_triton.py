@@ -73,6 +73,7 @@ def _logprobs_fwd_kernel(
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows64 = rows.to(tl.int64)  # offsets past 2^31 elements at large N x D or V x D
     row_ok = rows < N
     tgt = tl.load(TGT + rows, mask=row_ok, other=-1)
     n_tiles = tl.cdiv(V, BLOCK_V)
@@ -86,16 +87,17 @@ def _logprobs_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     for tile in range(tile_lo, tile_hi):
         cols = tile * BLOCK_V + tl.arange(0, BLOCK_V)
+        cols64 = cols.to(tl.int64)
         col_ok = cols < V
         acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
         for d0 in range(0, D, BLOCK_D):
             d = d0 + offs_d
             d_ok = d < D
             h = tl.load(
-                H + rows[:, None] * stride_hn + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0
+                H + rows64[:, None] * stride_hn + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0
             )
             w = tl.load(
-                W + cols[:, None] * stride_wv + d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0
+                W + cols64[:, None] * stride_wv + d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0
             )
             acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
         if HAS_BIAS:
@@ -140,8 +142,10 @@ def _logprobs_bwd_kernel(
     pid_v = (pid % per_group) // group_size
 
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows64 = rows.to(tl.int64)  # offsets past 2^31 elements at large N x D or V x D
     row_ok = rows < N
     cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    cols64 = cols.to(tl.int64)
     col_ok = cols < V
     g = tl.load(GL + rows, mask=row_ok, other=0.0)
     live = tl.max(tl.abs(g), axis=0)
@@ -158,10 +162,10 @@ def _logprobs_bwd_kernel(
             d = d0 + offs_d
             d_ok = d < D
             h = tl.load(
-                H + rows[:, None] * stride_hn + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0
+                H + rows64[:, None] * stride_hn + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0
             )
             w = tl.load(
-                W + cols[:, None] * stride_wv + d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0
+                W + cols64[:, None] * stride_wv + d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0
             )
             acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
         if HAS_BIAS:
@@ -180,20 +184,20 @@ def _logprobs_bwd_kernel(
             d_ok = d < D
             if NEED_DH:
                 w = tl.load(
-                    W + cols[:, None] * stride_wv + d[None, :],
+                    W + cols64[:, None] * stride_wv + d[None, :],
                     mask=col_ok[:, None] & d_ok[None, :],
                     other=0.0,
                 )
                 dh = tl.dot(G_in, w, input_precision=DOT_PRECISION)
-                tl.atomic_add(DH + rows[:, None] * D + d[None, :], dh, mask=row_ok[:, None] & d_ok[None, :])
+                tl.atomic_add(DH + rows64[:, None] * D + d[None, :], dh, mask=row_ok[:, None] & d_ok[None, :])
             if NEED_DW:
                 h = tl.load(
-                    H + rows[:, None] * stride_hn + d[None, :],
+                    H + rows64[:, None] * stride_hn + d[None, :],
                     mask=row_ok[:, None] & d_ok[None, :],
                     other=0.0,
                 )
                 dw = tl.dot(tl.trans(G_in), h, input_precision=DOT_PRECISION)
-                tl.atomic_add(DW + cols[:, None] * D + d[None, :], dw, mask=col_ok[:, None] & d_ok[None, :])
+                tl.atomic_add(DW + cols64[:, None] * D + d[None, :], dw, mask=col_ok[:, None] & d_ok[None, :])
 
 
 def _dot_precision(dtype: torch.dtype) -> str:

@@ -18,9 +18,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-# Elements of one logits chunk (rows x V) in the chunked path: 2^23 fp32 = 32 MiB, a few such temporaries
-# live at once. Small enough for any CPU, large enough that the matmuls stay efficient.
+# Elements of one logits chunk (rows x V) in the chunked path; a few such temporaries live at once.
+# CPU: 2^23 fp32 = 32 MiB, small enough for any machine, large enough for efficient matmuls.
+# CUDA: 2^26 = 256 MiB, so that a 150K vocab still gives ~440-row matmuls that fill the GPU.
 CHUNK_ELEMENTS = 1 << 23
+CHUNK_ELEMENTS_CUDA = 1 << 26
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -28,8 +30,10 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def chunk_rows(n_vocab: int, *, chunk_elements: int = CHUNK_ELEMENTS) -> int:
-    """Rows per chunk so that rows x n_vocab stays within `chunk_elements` (at least one row)."""
+def chunk_rows(n_vocab: int, device: torch.device, *, chunk_elements: int | None = None) -> int:
+    """Rows per chunk so that rows x n_vocab stays within `chunk_elements` (default by device; >= 1 row)."""
+    if chunk_elements is None:
+        chunk_elements = CHUNK_ELEMENTS_CUDA if device.type == "cuda" else CHUNK_ELEMENTS
     return max(1, chunk_elements // max(1, n_vocab))
 
 
@@ -79,7 +83,7 @@ def chunked_logprobs_forward(
     temperature: float,
     ignore_index: int,
     need_entropy: bool,
-    chunk_elements: int = CHUNK_ELEMENTS,
+    chunk_elements: int | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor]:
     """hidden [N, D], weight [V, D], targets [N], bias [V] or None -> (logp [N], entropy [N] or None, lse [N]).
 
@@ -95,7 +99,7 @@ def chunked_logprobs_forward(
     logp = torch.empty(n, dtype=dt, device=hidden.device)
     lse = torch.empty(n, dtype=dt, device=hidden.device)
     entropy = torch.empty(n, dtype=dt, device=hidden.device) if need_entropy else None
-    step = chunk_rows(v, chunk_elements=chunk_elements)
+    step = chunk_rows(v, hidden.device, chunk_elements=chunk_elements)
     for start in range(0, n, step):
         rows = slice(start, min(n, start + step))
         z = _chunk_logits(hidden[rows], weight_c, bias_c, temperature)
@@ -128,7 +132,7 @@ def chunked_logprobs_backward(
     temperature: float,
     ignore_index: int,
     needs_input_grad: tuple[bool, bool, bool],
-    chunk_elements: int = CHUNK_ELEMENTS,
+    chunk_elements: int | None = None,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Gradients of the chunked forward. hidden [N, D], weight [V, D], targets [N], bias [V] or None,
     lse [N], entropy [N] (needed when grad_entropy is given), grad_logp [N], grad_entropy [N] or None
@@ -154,7 +158,7 @@ def chunked_logprobs_backward(
     grad_h = torch.empty(n, weight.shape[1], dtype=dt, device=hidden.device) if need_h else None
     grad_w = torch.zeros(v, weight.shape[1], dtype=dt, device=hidden.device) if need_w else None
     grad_b = torch.zeros(v, dtype=dt, device=hidden.device) if need_b else None
-    step = chunk_rows(v, chunk_elements=chunk_elements)
+    step = chunk_rows(v, hidden.device, chunk_elements=chunk_elements)
     for start in range(0, n, step):
         rows = slice(start, min(n, start + step))
         log_p = _chunk_logits(hidden[rows], weight_c, bias_c, temperature).sub_(lse[rows].to(dt).unsqueeze(1))

@@ -1,0 +1,109 @@
+"""linear_logprobs: forward and forward+backward of every implementation against the eager reference.
+
+Methods: eager (materialises logits), chunked (this project, pure PyTorch), compiled_chunked (torch.compile of
+one chunk, checkpointed per chunk), triton (this project, CUDA), liger (liger-kernel's fused linear
+cross-entropy, CUDA), cce (cut-cross-entropy, where installed). All compute the per-token log-prob of the
+target (liger and cce as a summed cross-entropy, which is -sum logp); fwd+bwd differentiates the sum w.r.t.
+hidden and weight. FLOPs counted: 2NDV forward, 6NDV forward+backward (what any method must do at least).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from fastprime.kernels import linear_logprobs
+from fastprime.kernels.reference import chunk_rows
+
+ON_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if ON_CUDA else "cpu"
+if ON_CUDA:
+    # (N tokens, D, V): Qwen2.5-7B and Qwen2.5-0.5B heads; bf16 as in training.
+    SHAPES = [(n, d, v) for d, v in [(3584, 152064), (896, 151936)] for n in (8192, 16384, 32768)]
+    DTYPE = torch.bfloat16
+else:
+    SHAPES = [(256, 128, 8192), (512, 256, 32000)]
+    DTYPE = torch.float32
+METHODS = ["eager", "chunked", "compiled_chunked", "triton", "liger", "cce"]
+
+
+def _chunk_logp(h, w, t):
+    z = (h @ w.T).float()
+    return z.gather(1, t[:, None]).squeeze(1) - torch.logsumexp(z, -1)
+
+
+_compiled_chunk_logp = torch.compile(_chunk_logp, dynamic=False)
+
+
+def compiled_chunked_logp(hidden, weight, targets):
+    """torch.compile'd chunk, recomputed in backward (checkpoint) so only one chunk of logits is live."""
+    rows = chunk_rows(weight.shape[0], hidden.device)
+    outs = [
+        checkpoint(
+            _compiled_chunk_logp, hidden[i : i + rows], weight, targets[i : i + rows], use_reentrant=False
+        )
+        for i in range(0, hidden.shape[0], rows)
+    ]
+    return torch.cat(outs)
+
+
+def logp_fn(method: str):
+    """method -> f(hidden, weight, targets) returning a scalar whose gradient is that of sum(logp)."""
+    if method in ("eager", "chunked", "triton"):
+        impl = "reference" if method == "eager" else method
+        return lambda h, w, t: linear_logprobs(h, w, t, impl=impl).sum()
+    if method == "compiled_chunked":
+        return lambda h, w, t: compiled_chunked_logp(h, w, t).sum()
+    if method == "liger":
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+        return lambda h, w, t: -liger_fused_linear_cross_entropy(h, w, t, reduction="sum")
+    if method == "cce":
+        from cut_cross_entropy import linear_cross_entropy
+
+        return lambda h, w, t: -linear_cross_entropy(h, w, t, reduction="sum")
+    raise ValueError(f"unknown method {method!r}")
+
+
+def skip_reason(method: str) -> str | None:
+    if method in ("triton", "liger") and not ON_CUDA:
+        return f"{method} runs on CUDA only (the Triton interpreter is not a benchmark)"
+    if method == "cce" and (not ON_CUDA or importlib.util.find_spec("cut_cross_entropy") is None):
+        return "cut-cross-entropy is not installed or there is no GPU"
+    return None
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize(("n", "d", "v"), SHAPES, ids=[f"N{n}-D{d}-V{v}" for n, d, v in SHAPES])
+def test_linear_logprobs(measure, n, d, v, method, mode):
+    if reason := skip_reason(method):
+        pytest.skip(reason)
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    hidden = torch.randn(n, d, device=DEVICE, generator=g).to(DTYPE)
+    weight = (torch.randn(v, d, device=DEVICE, generator=g) / d**0.5).to(DTYPE)
+    targets = torch.randint(0, v, (n,), device=DEVICE, generator=g)
+    fn = logp_fn(method)
+    if mode == "fwd":
+
+        def call():
+            with torch.no_grad():
+                return fn(hidden, weight, targets)
+
+        flops = 2 * n * d * v
+    else:
+        hidden.requires_grad_()
+        weight.requires_grad_()
+
+        def call():
+            hidden.grad = weight.grad = None
+            fn(hidden, weight, targets).backward()
+
+        flops = 6 * n * d * v
+    measure(
+        call, op="linear_logprobs", shape=f"N={n} D={d} V={v}", dtype=str(DTYPE).removeprefix("torch."),
+        method=method, mode=mode, flops=flops, rounds=5 if ON_CUDA else 3,
+    )  # fmt: skip
