@@ -175,9 +175,11 @@ def _kill_uid(uid: int) -> None:
         try:
             os.setgid(uid)
             os.setuid(uid)
-            os.kill(-1, signal.SIGKILL)
+            # Repeat: a fork bomb can create children while one kill(-1) pass walks the process list.
+            for _ in range(10):
+                os.kill(-1, signal.SIGKILL)
         except BaseException:
-            pass
+            pass  # ProcessLookupError: nothing (left) to kill
         os._exit(0)
     os.waitpid(pid, 0)
 
