@@ -105,14 +105,16 @@ def chunked_logprobs_forward(
         z = _chunk_logits(hidden[rows], weight_c, bias_c, temperature)
         # Shift by the row max first: H = lse' - sum p z' with z' = z - max has no cancellation between two
         # numbers of the size of the logits (which cost ~1e-3 nats at logits ~100 in fp32).
+        # One exp serves both: sum e^z' gives lse' and, for the entropy, sum p z' = sum e^z' z' / sum e^z'.
         z_max = z.amax(dim=-1, keepdim=True)
         z.sub_(z_max)
-        lse_shifted = torch.logsumexp(z, dim=-1)
+        exp_z = torch.exp(z)
+        sum_exp = exp_z.sum(-1)
+        lse_shifted = sum_exp.log()
         lse[rows] = lse_shifted + z_max.squeeze(1)
         logp[rows] = z.gather(1, safe_targets[rows].unsqueeze(1)).squeeze(1) - lse_shifted
         if entropy is not None:
-            p = torch.exp(z - lse_shifted.unsqueeze(1))
-            entropy[rows] = lse_shifted - p.mul_(z).sum(-1)
+            entropy[rows] = lse_shifted - exp_z.mul_(z).sum(-1) / sum_exp
     logp.masked_fill_(~keep, 0.0)
     if entropy is not None:
         entropy.masked_fill_(~keep, 0.0)

@@ -7,6 +7,7 @@ TRITON_INTERPRET=1 on a CPU (set by tests/conftest.py), natively on CUDA.
 
 import pytest
 import torch
+
 from fastprime.kernels import linear_logprobs, logprobs_backward, logprobs_forward, resolve_impl
 from fastprime.kernels.linear_logprobs_triton import triton_logprobs_forward
 from fastprime.kernels.reference import chunked_logprobs_backward, chunked_logprobs_forward
@@ -146,6 +147,16 @@ def test_fully_ignored_input_gives_zeros(impl):
         assert torch.count_nonzero(t) == 0, (
             f"{impl} {name} should be all zero, max |.| = {t.abs().max().item()}"
         )
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_empty_input(impl):
+    hidden, weight, bias, targets = make_inputs(0, 16, 1000, lead=(3,))
+    h = hidden.clone().requires_grad_()
+    logp, entropy = linear_logprobs(h, weight, targets, bias=bias, return_entropy=True, impl=impl)
+    assert logp.shape == entropy.shape == (3, 0)
+    (logp.sum() + entropy.sum()).backward()
+    assert h.grad.shape == h.shape
 
 
 @pytest.mark.parametrize("impl", IMPLS)
