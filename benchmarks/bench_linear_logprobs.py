@@ -1,8 +1,10 @@
 """linear_logprobs: forward and forward+backward of every implementation against the eager reference.
 
-Methods: eager (materialises logits), chunked (this project, pure PyTorch), compiled_chunked (torch.compile of
-one chunk, checkpointed per chunk), triton (this project, CUDA), liger (liger-kernel's fused linear
-cross-entropy, CUDA), cce (cut-cross-entropy, where installed). All compute the per-token log-prob of the
+Methods: eager (what HF-style trainers do: logits = h @ W^T in the input dtype, then fp32 log_softmax; the
+baseline of the speed and memory ratios), reference (fastprime's fp32 eager specification), chunked (this
+project, pure PyTorch), compiled_chunked (torch.compile of one chunk, checkpointed per chunk), triton (this
+project, CUDA), liger (liger-kernel's fused linear cross-entropy, CUDA), cce (cut-cross-entropy, where
+installed). All compute the per-token log-prob of the
 target (liger and cce as a summed cross-entropy, which is -sum logp); fwd+bwd differentiates the sum w.r.t.
 hidden and weight. FLOPs counted: 2NDV forward, 6NDV forward+backward (what any method must do at least).
 """
@@ -27,7 +29,12 @@ if ON_CUDA:
 else:
     SHAPES = [(256, 128, 8192), (512, 256, 32000)]
     DTYPE = torch.float32
-METHODS = ["eager", "chunked", "compiled_chunked", "triton", "liger", "cce"]
+METHODS = ["eager", "reference", "chunked", "compiled_chunked", "triton", "liger", "cce"]
+
+
+def eager_logp(hidden, weight, targets):
+    """[N] log-probs the usual way: [N, V] logits in the input dtype, upcast, log_softmax, gather."""
+    return torch.log_softmax((hidden @ weight.T).float(), -1).gather(1, targets[:, None]).squeeze(1)
 
 
 def _chunk_logp(h, w, t):
@@ -52,9 +59,10 @@ def compiled_chunked_logp(hidden, weight, targets):
 
 def logp_fn(method: str):
     """method -> f(hidden, weight, targets) returning a scalar whose gradient is that of sum(logp)."""
-    if method in ("eager", "chunked", "triton"):
-        impl = "reference" if method == "eager" else method
-        return lambda h, w, t: linear_logprobs(h, w, t, impl=impl).sum()
+    if method == "eager":
+        return lambda h, w, t: eager_logp(h, w, t).sum()
+    if method in ("reference", "chunked", "triton"):
+        return lambda h, w, t: linear_logprobs(h, w, t, impl=method).sum()
     if method == "compiled_chunked":
         return lambda h, w, t: compiled_chunked_logp(h, w, t).sum()
     if method == "liger":

@@ -26,6 +26,7 @@ Unmeasured on a GPU so far: configs are the usual Hopper choices, tuned when a G
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -200,6 +201,11 @@ def _logprobs_bwd_kernel(
                 tl.atomic_add(DW + cols64[:, None] * D + d[None, :], dw, mask=col_ok[:, None] & d_ok[None, :])
 
 
+def _on_device(t: Tensor):
+    """Launch on t's GPU, not on whichever is current (no-op on CPU under the interpreter)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs get IEEE fp32 dots (tf32 would cost ~1e-3 relative error in the logits)."""
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -250,11 +256,12 @@ def triton_logprobs_forward(
     a = torch.empty(splits, n, **f32) if need_entropy else s
     if n > 0:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), splits)
-        _logprobs_fwd_kernel[grid](
-            hidden, weight, hidden if bias is None else bias, tgt, m, s, a, zt,
-            n, v, dim, hidden.stride(0), weight.stride(0), float(temperature), splits,
-            HAS_BIAS=bias is not None, NEED_ENTROPY=need_entropy, DOT_PRECISION=_dot_precision(hidden.dtype),
-        )  # fmt: skip
+        with _on_device(hidden):
+            _logprobs_fwd_kernel[grid](
+                hidden, weight, hidden if bias is None else bias, tgt, m, s, a, zt,
+                n, v, dim, hidden.stride(0), weight.stride(0), float(temperature), splits,
+                HAS_BIAS=bias is not None, NEED_ENTROPY=need_entropy, DOT_PRECISION=_dot_precision(hidden.dtype),
+            )  # fmt: skip
     # Merge the per-split partials (O(splits x N)); an empty split has m = -inf, s = a = 0 and weighs 0.
     m_max = m.max(0).values
     weights = torch.exp(m - m_max)
@@ -306,12 +313,13 @@ def triton_logprobs_backward(
     db = torch.zeros(v, **f32) if need_b else g
     if n > 0 and (need_h or need_w or need_b):
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(v, meta["BLOCK_V"]),)
-        _logprobs_bwd_kernel[grid](
-            hidden, weight, hidden if bias is None else bias, tgt, lse.float().contiguous(), g, e, ent,
-            dh, dw, db, n, v, dim, hidden.stride(0), weight.stride(0), float(temperature),
-            HAS_BIAS=bias is not None, HAS_GE=has_ge, NEED_DH=need_h, NEED_DW=need_w, NEED_DB=need_b,
-            DOT_PRECISION=_dot_precision(hidden.dtype),
-        )  # fmt: skip
+        with _on_device(hidden):
+            _logprobs_bwd_kernel[grid](
+                hidden, weight, hidden if bias is None else bias, tgt, lse.float().contiguous(), g, e, ent,
+                dh, dw, db, n, v, dim, hidden.stride(0), weight.stride(0), float(temperature),
+                HAS_BIAS=bias is not None, HAS_GE=has_ge, NEED_DH=need_h, NEED_DW=need_w, NEED_DB=need_b,
+                DOT_PRECISION=_dot_precision(hidden.dtype),
+            )  # fmt: skip
     return (
         dh.to(hidden.dtype) if need_h else None,
         dw.to(weight.dtype) if need_w else None,
