@@ -223,6 +223,12 @@ def _num_splits(n: int, v: int, device: torch.device) -> int:
 def _check_triton_inputs(hidden: Tensor, weight: Tensor) -> None:
     if hidden.dtype == torch.float64:
         raise ValueError("impl='triton' does not take float64 inputs; use impl='chunked' or 'reference'")
+    if INTERPRET and hidden.dtype == torch.bfloat16:
+        # The interpreter's tl.dot on bf16 returns garbage (~1e10 errors in triton 3.x): refuse, do not mislead.
+        raise ValueError(
+            "impl='triton' under TRITON_INTERPRET=1 does not take bfloat16 (the interpreter's bf16 dot is "
+            "broken); use float16/float32 or impl='chunked'"
+        )
     if not (hidden.is_cuda or INTERPRET):
         raise ValueError(
             f"impl='triton' needs a CUDA tensor or TRITON_INTERPRET=1, got device {hidden.device}; "

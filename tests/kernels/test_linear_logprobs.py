@@ -340,6 +340,13 @@ def test_triton_rejects_float64():
         linear_logprobs(h, w, torch.zeros(2, dtype=torch.long), impl="triton")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter-only guard")
+def test_interpreter_refuses_bf16_triton():
+    h, w = torch.randn(2, 16).bfloat16(), torch.randn(8, 16).bfloat16()
+    with pytest.raises(ValueError, match="bfloat16"):
+        linear_logprobs(h, w, torch.zeros(2, dtype=torch.long), impl="triton")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_gpu_dtypes(dtype):
