@@ -103,7 +103,8 @@ def _logprobs_fwd_kernel(
             acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
         if HAS_BIAS:
             acc += tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        z = tl.where(col_ok[None, :], acc / temperature, float("-inf"))
+        # div_rn: IEEE-rounded division, so the temperature is applied exactly as torch's z / T does.
+        z = tl.where(col_ok[None, :], tl.div_rn(acc, temperature), float("-inf"))
         m_new = tl.maximum(m, tl.max(z, axis=1))
         scale = tl.exp(m - m_new)
         p = tl.exp(z - m_new[:, None])
@@ -171,12 +172,12 @@ def _logprobs_bwd_kernel(
             acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
         if HAS_BIAS:
             acc += tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        log_p = tl.where(row_ok[:, None] & col_ok[None, :], acc / temperature - lse[:, None], 0.0)
+        log_p = tl.where(row_ok[:, None] & col_ok[None, :], tl.div_rn(acc, temperature) - lse[:, None], 0.0)
         p = tl.where(row_ok[:, None] & col_ok[None, :], tl.exp(log_p), 0.0)
         G = tl.where(cols[None, :] == tgt[:, None], g[:, None], 0.0) - g[:, None] * p
         if HAS_GE:
             G -= e[:, None] * p * (log_p + ent[:, None])
-        G = G / temperature
+        G = tl.div_rn(G, temperature)
         if NEED_DB:
             tl.atomic_add(DB + cols, tl.sum(G, axis=0), mask=col_ok)
         G_in = G.to(H.dtype.element_ty)
