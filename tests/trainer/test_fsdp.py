@@ -1,0 +1,65 @@
+"""FSDP2 under real `torchrun --nproc_per_node 2` (gloo, CPU) equals one process on the same global batch.
+
+The two-process run also uses a small token budget (several micro-batches per mini-batch), the one-process
+run a budget that fits each mini-batch in one pass, so this also checks that micro-batch accumulation with
+global normalisers gives the gradients of one big batch.
+"""
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastprime.trainer.demo import build_tiny_model, build_tokenizer
+
+WORKER = pathlib.Path(__file__).with_name("fsdp_worker.py")
+
+
+def _run(tmp_path, nproc: int, budget: int) -> dict:
+    out = tmp_path / f"out_{nproc}.pt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # A session of its own, so that a hang kills torchrun and its workers together.
+    proc = subprocess.Popen(
+        [*cmd, str(WORKER), str(out), str(budget)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=env, start_new_session=True,
+    )  # fmt: skip
+    try:
+        _, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"torchrun with {nproc} processes did not finish in 240 s")
+    assert proc.returncode == 0, f"torchrun with {nproc} processes failed:\n{stderr[-4000:]}"
+    return torch.load(out)
+
+
+@pytest.mark.slow
+def test_fsdp2_two_ranks_equal_one_process(tmp_path):
+    one = _run(tmp_path, 1, budget=4096)
+    two = _run(tmp_path, 2, budget=40)
+    for key in ("old_logp", "ref_logp", "q"):
+        torch.testing.assert_close(
+            two[key], one[key], atol=1e-5, rtol=0, msg=lambda m, key=key: f"{key}: {m}"
+        )
+    for key in ("prm_loss", "policy_loss", "prm_grad_norm", "policy_grad_norm"):
+        assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-7), (
+            f"{key}: 2 ranks {two[key]} vs 1 rank {one[key]}"
+        )
+    start = build_tiny_model(build_tokenizer(), seed=0).state_dict()
+    for model in ("policy", "prm"):
+        assert one[model].keys() == two[model].keys()
+        moved = max(float((one[model][k] - start[k]).abs().max()) for k in one[model])
+        assert moved > 1e-4, f"{model} did not change (max change {moved})"
+        for k in one[model]:
+            torch.testing.assert_close(
+                two[model][k],
+                one[model][k],
+                atol=2e-6,
+                rtol=1e-5,
+                msg=lambda m, k=k, model=model: f"{model}.{k}: {m}",
+            )
