@@ -10,7 +10,8 @@ Forward (one program per [BLOCK_N rows] x [one of S vocab splits]):
     S = sum w_k s_k, A = sum w_k (a_k + s_k (m_k - M)), lse = M + log S, H = log S - A / S, logp = zt - lse.
     Splitting V keeps all SMs busy when N/BLOCK_N is below ~2x SMs.
     FLOPs 2NDV.
-Backward (one program per [BLOCK_N rows] x [BLOCK_V vocab tile], grouped order for L2 reuse):
+Backward (one launch per chunk of V_CHUNK vocab rows; one program per [BLOCK_N rows] x [BLOCK_V vocab tile],
+grouped order for L2 reuse):
     recompute the z tile (2 BLOCK_N BLOCK_V D), log p = z - lse, p = e^(log p),
     G = g (onehot - p) - e p (log p + H)  (z - sum p z = log p + H), divided by T;
     then per BLOCK_D step: dh[rows, d] += G W[tile, d] and dW[tile, d] += G^T h[rows, d] (fp32 atomics),
@@ -18,7 +19,8 @@ Backward (one program per [BLOCK_N rows] x [BLOCK_V vocab tile], grouped order f
     Choice: one pass with fp32 atomics, 6NDV FLOPs (2 recompute + 2 dh + 2 dW), 8NDV with the forward,
     against 10NDV for separate dh and dW passes (each must recompute the logits: D is too large to keep a
     [BLOCK_N, D] dh or [BLOCK_V, D] dW accumulator on chip). The price is N D V/BLOCK_V + V D N/BLOCK_N fp32
-    atomic adds into L2 and run-to-run non-determinism of dh, dW in the last bits. Row blocks whose upstream
+    atomic adds into L2 and run-to-run non-determinism of dh, dW in the last bits. Scratch memory: fp32 dh
+    [N, D] and an fp32 dW [V_CHUNK, D] reused across vocab chunks (none for fp32 inputs), never [V, D] fp32. Row blocks whose upstream
     grads are all zero (e.g. fully ignored) skip their tiles. G enters the two backward dots in the input
     dtype (bf16/fp16 tensor cores), as in cut-cross-entropy and liger-kernel; accumulation stays fp32.
 Unmeasured on a GPU so far: configs are the usual Hopper choices, tuned when a GPU is available.
@@ -58,6 +60,10 @@ else:
             {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 64, "GROUP_N": 8}, num_warps=4, num_stages=4
         ),
     ]
+
+# Vocab rows of W per backward launch: bounds the fp32 dW scratch to V_CHUNK x D (117 MiB at D=3584) and
+# still gives cdiv(N, 128) x 64 programs per launch at BLOCK_V=128.
+V_CHUNK = 8192
 
 # The forward partials are sized on the host before autotuning picks BLOCK_N; this is the BLOCK_N assumed.
 _HOST_BLOCK_N = 16 if INTERPRET else 128
@@ -124,7 +130,8 @@ def _logprobs_fwd_kernel(
         tl.store(A_OUT + out, a, mask=row_ok)
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=["V", "D"], reset_to_zero=["DH", "DW", "DB"])
+# DH accumulates across the vocab-chunk launches, so autotuning must restore it, not zero it.
+@triton.autotune(configs=_BWD_CONFIGS, key=["V", "D"], reset_to_zero=["DW", "DB"], restore_value=["DH"])
 @triton.jit
 def _logprobs_bwd_kernel(
     H, W, B, TGT, LSE, GL, GE, ENT, DH, DW, DB,
@@ -296,12 +303,18 @@ def triton_logprobs_backward(
     temperature: float,
     ignore_index: int,
     needs_input_grad: tuple[bool, bool, bool],
+    v_chunk: int = V_CHUNK,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Gradients of `triton_logprobs_forward`: see `logprobs_backward` in linear_logprobs.py for shapes.
-    dh, dW, db accumulate in fp32 buffers ([N, D], [V, D], [V]) and are cast to the input dtypes."""
+
+    dh accumulates in fp32 [N, D] (the gradient itself when hidden is fp32); the vocab is processed in
+    chunks of `v_chunk` rows of W, each with an fp32 [v_chunk, D] dW accumulator copied into grad_weight
+    afterwards (none when weight is fp32), so the scratch stays O(N D + v_chunk D), never O(V D) or O(N V)."""
     _check_triton_inputs(hidden, weight)
     if grad_entropy is not None and entropy is None:
         raise ValueError("grad_entropy was given but entropy is None: the forward must compute entropy")
+    if v_chunk < 1:
+        raise ValueError(f"v_chunk must be >= 1, got {v_chunk}")
     n, dim = hidden.shape
     v = weight.shape[0]
     need_h, need_w, need_b = needs_input_grad
@@ -314,21 +327,33 @@ def triton_logprobs_backward(
     has_ge = grad_entropy is not None
     e = torch.where(keep, grad_entropy.float(), 0.0).contiguous() if has_ge else g
     ent = entropy.float().contiguous() if has_ge else g
+    lse = lse.float().contiguous()
     f32 = dict(dtype=torch.float32, device=hidden.device)
     dh = torch.zeros(n, dim, **f32) if need_h else g
-    dw = torch.zeros(v, dim, **f32) if need_w else g
+    grad_w = torch.zeros(v, dim, dtype=weight.dtype, device=weight.device) if need_w else None
+    dw_scratch = None
+    if need_w and weight.dtype != torch.float32:
+        dw_scratch = torch.empty(min(v, v_chunk), dim, **f32)
     db = torch.zeros(v, **f32) if need_b else g
     if n > 0 and (need_h or need_w or need_b):
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(v, meta["BLOCK_V"]),)
-        with _on_device(hidden):
-            _logprobs_bwd_kernel[grid](
-                hidden, weight, hidden if bias is None else bias, tgt, lse.float().contiguous(), g, e, ent,
-                dh, dw, db, n, v, dim, hidden.stride(0), weight.stride(0), float(temperature),
-                HAS_BIAS=bias is not None, HAS_GE=has_ge, NEED_DH=need_h, NEED_DW=need_w, NEED_DB=need_b,
-                DOT_PRECISION=_dot_precision(hidden.dtype),
-            )  # fmt: skip
+        for v0 in range(0, v, v_chunk):
+            vc = min(v_chunk, v - v0)
+            dw = g
+            if need_w:
+                dw = grad_w[v0 : v0 + vc] if dw_scratch is None else dw_scratch[:vc].zero_()
+            grid = lambda meta, vc=vc: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(vc, meta["BLOCK_V"]),)
+            with _on_device(hidden):
+                _logprobs_bwd_kernel[grid](
+                    hidden, weight[v0 : v0 + vc], hidden if bias is None else bias[v0 : v0 + vc], tgt - v0,
+                    lse, g, e, ent, dh, dw, db[v0 : v0 + vc] if need_b else db,
+                    n, vc, dim, hidden.stride(0), weight.stride(0), float(temperature),
+                    HAS_BIAS=bias is not None, HAS_GE=has_ge, NEED_DH=need_h, NEED_DW=need_w, NEED_DB=need_b,
+                    DOT_PRECISION=_dot_precision(hidden.dtype),
+                )  # fmt: skip
+            if dw_scratch is not None:
+                grad_w[v0 : v0 + vc].copy_(dw)
     return (
         dh.to(hidden.dtype) if need_h else None,
-        dw.to(weight.dtype) if need_w else None,
+        grad_w,
         db.to(bias.dtype) if need_b else None,
     )
