@@ -10,7 +10,8 @@ Backward, with g = dL/dlogp_t and e = dL/dH per row:
 `linear_logprobs_reference` materialises the [N, V] logits and lets autograd differentiate it: it is the
 specification. `chunked_logprobs_forward` / `chunked_logprobs_backward` never hold more than one chunk of
 rows x V logits (the chunk is sized by a token budget) and save only O(N) state between the two: they are
-the CPU default and the fallback wherever Triton cannot run.
+the CPU default and the fallback wherever Triton cannot run. For bf16/fp16 inputs they also hold an fp32 copy
+of W and an fp32 dW accumulator, O(V D) each; the Triton path needs neither.
 """
 
 from __future__ import annotations
