@@ -229,22 +229,22 @@ HOSTILE = {
         "os._exit(0)",
         {"fn_name": "f", "inputs": [[3]], "outputs": [6]},
     ),
-    "escaped_daemon": (
-        "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(10**6)\nprint(int(input()) * 2)",
-        STDIO_OK,
-    ),
 }
-EXPECTED_HOSTILE = {name: 0.0 for name in HOSTILE} | {"escaped_daemon": 1.0}
+# Correct output from a program that leaves a detached child behind: it passes, and the child is swept.
+ESCAPED_DAEMON = (
+    "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(10**6)\nprint(int(input()) * 2)"
+)
 
 
 def test_hostile_programs_are_contained(pool):
     names = list(HOSTILE)
-    honest = _code_item("print(int(input()) * 2)", STDIO_OK)
-    result = pool.score([_code_item(*HOSTILE[n]) for n in names] + [honest])
-    got = dict(zip(names, result.scores))
-    assert got == EXPECTED_HOSTILE
-    assert result.scores[-1] == 1.0
-    assert "crash" not in result.failures
+    result = pool.score([_code_item(*HOSTILE[n]) for n in names])
+    assert dict(zip(names, result.scores)) == {name: 0.0 for name in names}
+    assert "crash" not in result.failures and "error" not in result.failures, result.failures
+    # Separate batch: with 1 s test limits on 2 shared cores, a concurrently running fork bomb can starve
+    # an honest program past its limit (CPU share is not isolated; that needs cgroups).
+    honest = [_code_item("print(int(input()) * 2)", STDIO_OK), _code_item(ESCAPED_DAEMON, STDIO_OK)]
+    assert pool.score(honest).scores == [1.0, 1.0]
     if IS_ROOT:
         assert _sandbox_processes() == []  # daemons and fork-bomb children were swept
 

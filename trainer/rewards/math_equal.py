@@ -26,6 +26,7 @@ number of decimals and chops tiny values to zero, which accepts `1e-20` for `2e-
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 from decimal import ROUND_HALF_EVEN, ROUND_HALF_UP, Decimal, InvalidOperation
 
@@ -164,6 +165,7 @@ def _plain(text: str) -> str:
     return re.sub(r"\s+", "", text).lower()
 
 
+@functools.lru_cache(maxsize=4096)  # samples of one prompt often give the same answer
 def answers_equal(gold: str, pred: str) -> bool:
     """Is the extracted answer `pred` equivalent to the gold answer `gold`? Both are LaTeX strings.
 

@@ -12,6 +12,7 @@ caller runs this in a worker process that is killed at its time limit.
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 import unicodedata
 from typing import NamedTuple
@@ -66,6 +67,7 @@ def _latex2sympy(latex: str):
     )
 
 
+@functools.lru_cache(maxsize=4096)  # a gold answer is parsed once per group of K samples, not K times
 def parse_answer(answer: str) -> ParsedAnswer:
     """Parse one extracted answer (a LaTeX string, no `$`/`\\boxed`) into a sympy object.
 

@@ -4,10 +4,13 @@ It starts as root (when the verifier runs as root), locks itself in, then runs t
 same interpreter:
 1. reads its job (JSON) from the inherited fd given in argv[1] and closes it;
 2. isolation, each step best effort and reported on stderr if unavailable: a new network namespace (no
-   network at all) and a new mount namespace where /tmp, /work, /root, /home, /var/tmp, /dev/shm, /run and
-   /mnt are replaced by empty tmpfs mounts (so the project, the data and other jobs' files are invisible);
+   network at all), a new mount namespace where /tmp, /work, /root, /home, /var/tmp, /dev/shm, /run and
+   /mnt are replaced by empty tmpfs mounts (so the project, the data and other jobs' files are invisible),
+   and a new PID namespace (the program runs as its PID 1 in a forked child; everything it starts dies
+   with it);
 3. a fresh working directory on that tmpfs (or the parent-made one when namespaces are unavailable);
-4. resource limits: CPU seconds, address space, file size, process count, open files, no core dumps;
+4. resource limits: CPU seconds, address space, file size, process count, open files, no core dumps,
+   and a lower scheduling priority (nice 10);
 5. drops to an unprivileged uid/gid with no supplementary groups (RLIMIT_NPROC binds only non-root);
 6. runs the program: "stdio" mode executes it as __main__ (stdin/stdout are the test's files), "call"
    mode calls one function and "assert" mode evaluates one test expression; for those two the result is
@@ -27,6 +30,7 @@ import sys
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWNET = 0x40000000
+CLONE_NEWPID = 0x20000000
 MS_REC = 16384
 MS_PRIVATE = 1 << 18
 MS_NOSUID = 2
@@ -60,6 +64,17 @@ def _isolate(job, libc):
                 notes.append("could not hide " + d)
     else:
         notes.append("no mount namespace")
+    if libc.unshare(CLONE_NEWPID) == 0:
+        # The next child is PID 1 of a new PID namespace: when it ends, the kernel kills and reaps every
+        # process the program started. Otherwise orphans are reparented to the host's init and, until it
+        # reaps them, their zombies count against the sandbox uid's RLIMIT_NPROC in the next test.
+        pid = os.fork()
+        if pid:
+            os.closerange(0, 3)
+            _, status = os.waitpid(pid, 0)
+            os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
+    else:
+        notes.append("no PID namespace")
     return mounted, notes
 
 
@@ -142,6 +157,7 @@ def main():
     if job["uid"] is not None:
         os.chown(path, job["uid"], job["uid"])
     _limits(job)
+    os.nice(10)  # a busy program yields the CPU to the trainer and the verifier itself
     if job["uid"] is not None:
         os.setgroups([])
         os.setgid(job["uid"])
