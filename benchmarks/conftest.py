@@ -68,8 +68,9 @@ class Row:
 ROWS: list[Row] = []
 
 
-def peak_extra_memory(fn: Callable[[], object]) -> float | None:
-    """MiB allocated at peak during one call beyond what was allocated before it (CUDA only)."""
+def peak_extra_memory(fn: Callable[[], object], exclude_bytes: int = 0) -> float | None:
+    """MiB allocated at peak during one call beyond what was allocated before it and beyond
+    `exclude_bytes` (e.g. the gradients the call must produce); CUDA only."""
     if not torch.cuda.is_available():
         return None
     sync()
@@ -77,16 +78,19 @@ def peak_extra_memory(fn: Callable[[], object]) -> float | None:
     before = torch.cuda.memory_allocated()
     fn()
     sync()
-    return (torch.cuda.max_memory_allocated() - before) / 2**20
+    return (torch.cuda.max_memory_allocated() - before - exclude_bytes) / 2**20
 
 
 @pytest.fixture
 def measure(benchmark):
     """measure(fn, op=, shape=, dtype=, method=, mode=, flops=) warms fn up once (compile, autotune), then
-    records its peak extra memory and median time (synchronised) as a Row; OOM gives an "OOM" row and a skip,
-    any other failure a skip naming it."""
+    records its peak extra memory (less exclude_bytes) and median time (synchronised) as a Row; OOM gives an
+    "OOM" row and a skip, any other failure a skip naming it."""
 
-    def run(fn, *, op: str, shape: str, dtype: str, method: str, mode: str, flops: float, rounds: int = 5):
+    def run(
+        fn, *, op: str, shape: str, dtype: str, method: str, mode: str, flops: float, rounds: int = 5,
+        exclude_bytes: int = 0,
+    ):  # fmt: skip
         def timed():
             out = fn()
             sync()
@@ -94,7 +98,7 @@ def measure(benchmark):
 
         try:
             fn()  # compile / autotune outside the timed rounds and the memory measurement
-            mem = peak_extra_memory(fn)
+            mem = peak_extra_memory(fn, exclude_bytes)
             benchmark.extra_info.update(op=op, shape=shape, dtype=dtype, method=method, mode=mode)
             benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=1)
         except torch.OutOfMemoryError:
