@@ -1,6 +1,7 @@
 """The demo's tiny Qwen2 model: size, architecture, seeding."""
 
 import torch
+
 from fastprime.trainer.demo import build_tiny_model, build_tokenizer
 
 TOK = build_tokenizer()

@@ -5,8 +5,10 @@ import operator
 import re
 
 import pytest
+
 from fastprime.trainer.demo import make_arithmetic_rows
 from fastprime.trainer.demo.task import format_problem
+from fastprime.trainer.rewards import verify_batch
 
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul}
 
@@ -87,9 +89,6 @@ def test_bad_arguments_name_the_value():
 
 
 def test_gold_answers_pass_the_real_verifier_and_wrong_ones_fail():
-    rewards = pytest.importorskip("fastprime.trainer.rewards")
-    if not hasattr(rewards, "verify_batch"):
-        pytest.skip("fastprime.trainer.rewards.verify_batch has not landed yet")
     rows = ROWS[:40]
     good = [
         {
@@ -100,5 +99,5 @@ def test_gold_answers_pass_the_real_verifier_and_wrong_ones_fail():
         for r in rows
     ]
     bad = [dict(it, ground_truth=str(int(it["ground_truth"]) + 1)) for it in good]
-    assert rewards.verify_batch(good) == [1.0] * len(rows)
-    assert rewards.verify_batch(bad) == [0.0] * len(rows)
+    assert verify_batch(good) == [1.0] * len(rows)
+    assert verify_batch(bad) == [0.0] * len(rows)

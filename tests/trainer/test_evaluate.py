@@ -2,9 +2,11 @@
 
 import pytest
 import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
 from fastprime.trainer.demo import build_tiny_model, build_tokenizer, make_arithmetic_rows
 from fastprime.trainer.evaluate import greedy_accuracy, greedy_responses
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from fastprime.trainer.rewards import VerifierPool
 
 TOK = build_tokenizer()
 ANSWER = "\\boxed{7}"
@@ -100,13 +102,10 @@ def test_bad_arguments():
 
 
 def test_greedy_accuracy_hand_checked_with_the_real_verifier():
-    rewards = pytest.importorskip("fastprime.trainer.rewards")
-    if not hasattr(rewards, "VerifierPool"):
-        pytest.skip("fastprime.trainer.rewards.VerifierPool has not landed yet")
     model = bigram_model(CHAIN)
     # The model always answers \boxed{7}: right for golds "7" and "7.0", wrong for the others -> 2 of 5.
     rows = [_row("3+4", "7"), _row("2*5", "10"), _row("9-2", "7.0"), _row("1+1", "2"), _row("(1+2)*3", "9")]
-    with rewards.VerifierPool(workers=1) as pool:
+    with VerifierPool(workers=1) as pool:
         assert greedy_accuracy(
             model, TOK, rows, max_new_tokens=20, batch_size=2, verifier=pool
         ) == pytest.approx(2 / 5)
