@@ -24,13 +24,14 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+from torch import Tensor
+
 from fastprime.kernels.dispatch import check_inputs, resolve_impl
 from fastprime.kernels.reference import (
     chunked_logprobs_backward,
     chunked_logprobs_forward,
     linear_logprobs_reference,
 )
-from torch import Tensor
 
 __all__ = ["LogprobsEntropy", "linear_logprobs", "logprobs_backward", "logprobs_forward", "resolve_impl"]
 
@@ -161,6 +162,7 @@ def linear_logprobs(
     """
     impl = resolve_impl(impl, hidden)
     check_inputs(hidden, weight, targets, bias, temperature=temperature, ignore_index=ignore_index, impl=impl)
+    targets = targets.long()
     if impl == "reference":
         logp, entropy = linear_logprobs_reference(
             hidden, weight, targets, bias=bias, temperature=temperature, ignore_index=ignore_index
@@ -170,7 +172,7 @@ def linear_logprobs(
     h2 = hidden.reshape(-1, hidden.shape[-1])
     if h2.stride(-1) != 1:
         h2 = h2.contiguous()
-    t2 = targets.reshape(-1).to(torch.long)
+    t2 = targets.reshape(-1)
     logp, entropy, _ = LinearLogprobsFunction.apply(
         h2, weight, t2, bias, float(temperature), int(ignore_index), impl, return_entropy
     )

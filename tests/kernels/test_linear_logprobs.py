@@ -150,6 +150,16 @@ def test_fully_ignored_input_gives_zeros(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_int32_targets_and_strided_hidden(impl):
+    """int32 targets and a non-contiguous hidden (every other feature of a wider tensor) are accepted."""
+    wide, weight, bias, targets = make_inputs(9, 32, 1000, seed=17)
+    weight = weight[:, :16].contiguous()
+    hidden = wide[:, ::2]
+    logp = linear_logprobs(hidden, weight, targets.int(), bias=bias, impl=impl)
+    assert_close(f"{impl} logp", logp, fp64_oracle(hidden, weight, targets, bias, 1.0)[0], 2e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_empty_input(impl):
     hidden, weight, bias, targets = make_inputs(0, 16, 1000, lead=(3,))
     h = hidden.clone().requires_grad_()
