@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +24,10 @@ from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+# The fused heads return per-token tensors that are views (a reshape of the kernel output); nothing modifies
+# them in place, which is the case this FSDP2 warning is about.
+warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
 
 
 def _free_port() -> int:
@@ -34,13 +39,15 @@ def _free_port() -> int:
 def init_distributed() -> tuple[int, int, torch.device]:
     """(rank, world_size, device): joins torchrun's group (NCCL on GPU, gloo on CPU) or makes a group of one."""
     if not dist.is_initialized():
-        if "RANK" not in os.environ:  # plain `python trainer/main.py`: the same code path with world size 1
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+        timeout = datetime.timedelta(minutes=30)
+        if "RANK" in os.environ:  # started by torchrun
+            if backend == "nccl":
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            dist.init_process_group(backend, timeout=timeout)
+        else:  # plain `python trainer/main.py`: the same code path with a group of one
+            init = f"tcp://127.0.0.1:{_free_port()}"
+            dist.init_process_group(backend, init_method=init, rank=0, world_size=1, timeout=timeout)
     rank, world = dist.get_rank(), dist.get_world_size()
     device = (
         torch.device("cuda", torch.cuda.current_device())

@@ -1,0 +1,156 @@
+"""End to end on CPU: `trainer/main.py` trains the tiny demo model for a few iterations, resumes exactly, and
+reports config and data errors as one readable line.
+
+The runs skip the warm start and the filter (an untrained model solves nothing, so no group would pass);
+the PRM still learns from the all-zero labels and its token rewards move the policy.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+from fastprime.trainer.demo import build_tiny_model, build_tokenizer
+from fastprime.trainer.main import main
+from fastprime.trainer.metrics import read_metrics
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+TINY = """
+model: {source: demo, warm_start: false}
+data: {source: demo, demo_train_rows: 64, demo_eval_rows: 8, max_prompt_tokens: 64}
+rollout: {n_samples: 4, max_new_tokens: 12, prompts_per_generate: 8}
+filter: {enabled: false}
+verifier: {workers: 1, timeout_s: 5.0}
+prm: {lr: 1.0e-3, mini_batches: 2}
+policy: {lr: 1.0e-3, mini_batches: 2}
+train: {iterations: 3, batch_size: 4, micro_batch_tokens: 160, eval_every: 2, eval_max_new_tokens: 12, eval_batch_size: 8}
+run: {checkpoint_every: 0, keep_checkpoints: 5, progress: false}
+"""
+PHASES = ("rollout", "verify", "filter", "logprob_old", "logprob_ref", "prm", "advantages", "policy", "sync")
+
+
+def _run(tmp_path, name: str, *extra: str) -> pathlib.Path:
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(TINY)
+    rc = main(["--config", str(cfg), "--run.output-dir", str(tmp_path), "--run.name", name, *extra])
+    assert rc == 0
+    return tmp_path / name
+
+
+def _weights(path: pathlib.Path) -> dict[str, torch.Tensor]:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, local_files_only=True).state_dict()
+
+
+def _checkpoint(run: pathlib.Path, step: int, tmp_path) -> dict:
+    out = tmp_path / f"{run.name}_{step}.pt"
+    dcp_to_torch_save(run / "checkpoints" / f"step_{step:08d}", out)
+    return torch.load(out, weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    return _run(tmp, "full"), tmp
+
+
+def _strip_timing(record: dict) -> dict:
+    return {k: v for k, v in record.items() if not k.startswith(("time/", "perf/"))}
+
+
+def test_run_trains_and_writes_outputs(full_run):
+    run, tmp = full_run
+    records = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in records] == [0, 1, 2, 3]
+    assert "eval/acc" in records[0] and "eval/acc" in records[2] and "eval/acc" in records[3]
+    assert "eval/acc" not in records[1]
+    for r in records[1:]:
+        missing = [k for k in ("outcome/acc_mean", "prm/loss", "policy/loss", "policy/grad_norm", "prm/grad_norm",
+                               "policy/clip_frac", "policy/approx_kl", "policy/entropy", "response/length_mean",
+                               "response/truncation_rate", "filter/pass_rate", "verify/failures")
+                   if r.get(k) is None]  # fmt: skip
+        missing += [f"time/{p}_s" for p in PHASES if f"time/{p}_s" not in r]
+        assert not missing, f"step {r['step']} lacks {missing}"
+        assert 0.0 <= r["outcome/acc_mean"] <= 1.0 and r["rollout/responses"] == 16
+    assert (run / "config.yaml").is_file() and (run / "curves.png").stat().st_size > 1000
+
+    start = build_tiny_model(build_tokenizer(), seed=0).state_dict()
+    final = _weights(run / "hf")
+    moved = max(float((final[k] - start[k]).abs().max()) for k in start)
+    assert moved > 1e-4, f"policy did not change (max change {moved})"
+    ckpt = _checkpoint(run, 3, tmp)
+    policy, prm, ref = (
+        {k.removeprefix("lm."): v for k, v in ckpt[f"model.{m}"].items()} for m in ("policy", "prm", "ref")
+    )
+    assert set(policy) <= set(start) and set(start) - set(policy) <= {"lm_head.weight"}, sorted(policy)
+    for k, v in policy.items():  # the HF export is the checkpoint's policy
+        assert torch.equal(final[k], v), k
+    prm_moved = max(float((prm[k] - start[k]).abs().max()) for k in prm)
+    assert prm_moved > 1e-4, f"PRM did not change (max change {prm_moved})"
+    assert all(torch.equal(ref[k], start[k]) for k in ref), "the reference must stay frozen"
+
+
+def test_resume_reproduces_the_next_iteration(full_run):
+    full, tmp = full_run
+    part = _run(tmp, "part", "--run.stop-after", "2")
+    assert [r["step"] for r in read_metrics(part / "metrics.jsonl")] == [0, 1, 2]
+    assert (part / "checkpoints" / "step_00000002").is_dir() and not (part / "hf").exists()
+    _run(tmp, "part", "--run.resume", "auto")
+    a, b = read_metrics(full / "metrics.jsonl"), read_metrics(part / "metrics.jsonl")
+    assert [r["step"] for r in b] == [0, 1, 2, 3]
+    assert _strip_timing(b[3]) == _strip_timing(a[3])
+    wa, wb = _weights(full / "hf"), _weights(part / "hf")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa), "resumed weights differ from the uninterrupted run"
+
+
+def test_nothing_passing_the_filter_ends_the_iteration(tmp_path):
+    """An untrained model solves nothing: with the filter on, the iteration gives up after max_rounds, no hang."""
+    run = _run(tmp_path, "nopass", "--filter.enabled", "--filter.max-rounds", "2", "--train.iterations", "1")
+    rec = read_metrics(run / "metrics.jsonl")[-1]
+    assert rec["step"] == 1 and rec["filter/skipped_update"] == 1 and rec["filter/rounds"] == 2
+    assert rec["rollout/responses"] == 32 and "policy/loss" not in rec
+
+
+def _cli(*args: str, cwd: pathlib.Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run(
+        [sys.executable, str(REPO / "trainer" / "main.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=cwd,
+        env=env,
+    )
+
+
+def test_cli_config_error_is_one_readable_line(tmp_path):
+    proc = _cli("--filter.lo", "0.9", "--filter.hi", "0.1", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "filter.lo=0.9, filter.hi=0.1" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_cli_malformed_row_names_file_and_row(tmp_path):
+    data = tmp_path / "train.jsonl"
+    good = {
+        "prompt": [{"role": "user", "content": "1+1="}],
+        "reward_model": {"ground_truth": "2"},
+        "ability": "math",
+    }
+    data.write_text(json.dumps(good) + "\n" + json.dumps({"prompt": "2+2="}) + "\n")
+    proc = _cli(
+        "--data.source",
+        "file",
+        "--data.train-path",
+        str(data),
+        "--run.output-dir",
+        str(tmp_path),
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2
+    assert f"{data}: row 1: missing the answer" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
