@@ -115,6 +115,11 @@ PROBES = [
     ("2", r"\boxed{2 \text{ or possibly } 3}", 0),
     ("2", r"\boxed{2 \text{, maybe}}", 0),
     ("C", r"\boxed{C \text{ or } D}", 0),
+    ("3", "I think it is 2, but it could be 3.", 0),  # unboxed prose hedges
+    ("3", "It is $2$ or maybe $3$", 0),
+    ("3", "The result: 2. Or perhaps 3.", 0),
+    ("7", "We have 3 apples and 4 pears, so 7 fruits.", 1),  # several numbers, no hedge
+    ("42", "so we get\n#### 42", 1),
     # ...but a real list of solutions still matches a list gold
     (r"\{2,3\}", r"\boxed{2 \text{ or } 3}", 1),
     ("x=2, x=3", r"\boxed{x = 2 \text{ or } x = 3}", 1),

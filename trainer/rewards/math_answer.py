@@ -31,6 +31,9 @@ _PROSE_WORD_RE = re.compile(r"(?<![\\a-zA-Z])[a-zA-Z]{3,}")
 _ANSWER_WORDS = {"and", "or", "pct", "percent", "percentage", "cm", "mm", "km", "inches", "feet", "meters"}
 _ANSWER_PHRASE_RE = re.compile(r"(?i)answer(?:\s+is)?\s*:?\s*([^\n]{1,100}?)(?:\.\s|\.$|\n|$)")
 _HEDGE_WORD_RE = re.compile(r"(?i)(?<![a-z\\])(or|either|maybe|possibly|perhaps|probably)(?![a-z])")
+_HEDGE_PROSE_RE = re.compile(r"(?i)\b(?:or|either|maybe|possibly|perhaps|probably|could be|might be)\b")
+_SENTENCE_SPLIT_RE = re.compile(r"(?<=[.!?])\s+|\n+")
+_NUMBER_RE = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?![\w.]*\d)")
 _FINAL_ANSWER_RE = re.compile(r"(?i)final answer")
 _CHOICE_RE = re.compile(r"^\s*(?:\\text(?:bf)?\{\s*)?\(?\s*([A-E])\s*\)?\s*\}?\s*\.?\s*$")
 _CHOICE_IN_TEXT_RE = re.compile(
@@ -188,8 +191,27 @@ def extract_answer(text: str) -> str | None:
     if phrase is not None and _HEDGE_WORD_RE.search(phrase.group(1)):
         # "The answer is 2 or 3." states two candidates; keep them both so the grader sees a hedge.
         return _strip_end(phrase.group(1).replace("$", " ").strip())
+    hedge = _hedged_numbers(tail)
+    if hedge is not None:
+        return hedge
     found = _math_verify_fallback(tail)
     return _strip_end(found) if found else None
+
+
+def _hedged_numbers(text: str) -> str | None:
+    """Unboxed prose that ends by hedging between numbers ("it is 2, but it could be 3") -> "2, 3".
+
+    Only the last two sentences are read; without this the fallback would take the last number (3) and
+    accept the hedge for a gold of 3.
+    """
+    sentences = [x for x in _SENTENCE_SPLIT_RE.split(text[-600:]) if x.strip()]
+    ending = " ".join(sentences[-2:])
+    # Only the words around the math count: "or" inside $...$ joins a list of answers, like a comma.
+    prose = re.sub(r"\$[^$]*\$|\\\(.*?\\\)|\\\[.*?\\\]", " ", ending)
+    if not _HEDGE_PROSE_RE.search(prose):
+        return None
+    numbers = list(dict.fromkeys(_NUMBER_RE.findall(ending)))
+    return ", ".join(numbers) if len(numbers) >= 2 else None
 
 
 def _last_match(pattern: re.Pattern, text: str) -> re.Match | None:
