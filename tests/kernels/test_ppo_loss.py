@@ -1,19 +1,14 @@
 """linear_ppo_loss against an fp64 eager reference written here: loss, stats and gradients for hidden, weight, bias."""
 
-import importlib.util
-
 import pytest
 import torch
-from fastprime.kernels import aggregation_weights, linear_ppo_loss
-from fastprime.kernels.ppo_loss import PPOOptions, ppo_epilogue
 from memory_probe import AllocationRecorder
 
+from fastprime.kernels import aggregation_weights, linear_ppo_loss
+from fastprime.kernels.ppo_loss import PPOOptions, ppo_epilogue
+
 MODES = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
-HAS_TRITON_CORE = importlib.util.find_spec("fastprime.kernels.linear_logprobs_triton") is not None
-IMPLS = [
-    "chunked",
-    pytest.param("triton", marks=pytest.mark.skipif(not HAS_TRITON_CORE, reason="no triton core")),
-]
+IMPLS = ["chunked", "triton"]
 # Log-ratios logp - old_logp placed away from the clip boundaries log(0.8), log(1.2) and log(dual 1.5):
 # 0.61 (low side), 0.90, 1.05, 1.11 (inside), 1.82 (high side, and above the dual-clip bound 1.5).
 LOG_RATIOS = torch.tensor([-0.5, -0.1, 0.05, 0.1, 0.6], dtype=torch.float64)
@@ -279,7 +274,6 @@ def test_memory_chunked_never_allocates_tokens_x_vocab():
     assert rec.largest().numel <= 1 << 23, rec.describe()  # one chunk of logits at most
 
 
-@pytest.mark.skipif(not HAS_TRITON_CORE, reason="no triton core")
 def test_memory_triton_never_allocates_tokens_x_vocab():
     n, d, v = 64, 16, 4099  # the interpreter is slow: a small CPU shape, bounded by [V, D] accumulators
     rec = ppo_fwd_bwd_recorded("triton", n, d, v, "cpu")
