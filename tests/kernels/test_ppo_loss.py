@@ -1,5 +1,7 @@
 """linear_ppo_loss against an fp64 eager reference written here: loss, stats and gradients for hidden, weight, bias."""
 
+import math
+
 import pytest
 import torch
 from memory_probe import AllocationRecorder
@@ -292,3 +294,25 @@ def test_saved_for_backward_is_inputs_plus_per_token_state(impl):
                         kl_coef=0.1, entropy_coef=0.01, impl=impl)  # fmt: skip
     extra = [tuple(t.shape) for t in saved if t.data_ptr() not in inputs]
     assert saved and all(t.numel() <= n for t in saved if t.data_ptr() not in inputs), f"saved: {extra}"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_hand_computed_two_word_vocab(impl):
+    """Zero logits over 2 words: logp = log 1/2 for both tokens; old_logp puts the ratio at 1.5.
+    Token 0 (A = +1): clipped high, loss -1.2, no gradient. Token 1 (A = -1): unclipped, loss +1.5, g = 1.5;
+    with dual clip c = 1.4 it is capped at 1.4 with no gradient."""
+    h = torch.zeros(2, 3)
+    W = torch.zeros(2, 3)
+    targets = torch.tensor([0, 1])
+    old = torch.full((2,), math.log(0.5) - math.log(1.5))
+    adv, w = torch.tensor([1.0, -1.0]), torch.ones(2)
+    for dual, loss_exp, gb_exp in [(None, -1.2 + 1.5, [-0.75, 0.75]), (1.4, -1.2 + 1.4, [0.0, 0.0])]:
+        b = torch.zeros(2, requires_grad=True)
+        loss, stats = linear_ppo_loss(h, W, targets, old, adv, w, bias=b, dual_clip=dual, impl=impl)
+        loss.backward()
+        assert loss.item() == pytest.approx(loss_exp, rel=1e-6)
+        # dL/db = Σ_t g_t (onehot(t) - p), p = (1/2, 1/2); only token 1 has g = -A r = 1.5
+        torch.testing.assert_close(b.grad, torch.tensor(gb_exp))
+        assert stats.clip_frac_high.item() == 0.5 and stats.ratio.item() == pytest.approx(1.5)
+        assert stats.dual_clip_frac.item() == (0.5 if dual else 0.0)
+        assert stats.entropy.item() == pytest.approx(math.log(2))
