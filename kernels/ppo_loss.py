@@ -20,10 +20,11 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
+
 from fastprime.kernels.dispatch import check_inputs, resolve_impl
 from fastprime.kernels.linear_logprobs import logprobs_backward, logprobs_forward
 from fastprime.kernels.reference import compute_dtype
-from torch import Tensor
 
 LOG_RATIO_CLAMP = 20.0
 CLIP_NONE, CLIP_LOW, CLIP_HIGH, CLIP_DUAL = 0, 1, 2, 3

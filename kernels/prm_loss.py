@@ -3,7 +3,7 @@
 For a token t of sequence s (seq_ids[t] = s >= 0 and target kept):  q_t = logp_t - ref_logp_t (0 elsewhere).
     score_s = beta Σ_{t in s} q_t          L = (1/n) Σ_{s present} BCE_with_logits(score_s, y_s)
 with soft labels y_s in [0, 1], n the number of sequences present (with at least one token) or the trainer's
-global `num_seqs` (micro-batch accumulation). PRIME: Cui et al. 2025, arXiv:2502.01456, Eq. for L_CE.
+global `num_seqs` (micro-batch accumulation). PRIME (Cui et al. 2025, arXiv:2502.01456): docs prime.md, step 5.
 Gradient (the per-token epilogue), using d BCE(x, y)/dx = sigmoid(x) - y:
     g_t = dL/dlogp_t = beta (sigmoid(score_s) - y_s) / n   for t in s, else 0
 ref_logp and labels are constants: the gradient flows into the PRM (hidden, weight, bias) only. The forward saves
@@ -16,10 +16,11 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from torch import Tensor
+
 from fastprime.kernels.dispatch import check_inputs, resolve_impl
 from fastprime.kernels.linear_logprobs import logprobs_backward, logprobs_forward
 from fastprime.kernels.reference import compute_dtype
-from torch import Tensor
 
 
 @triton.jit

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from fastprime.kernels import aggregation_weights
 
 MODES = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]

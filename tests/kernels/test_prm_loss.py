@@ -4,8 +4,9 @@ import math
 
 import pytest
 import torch
-from fastprime.kernels import linear_prm_loss
 from memory_probe import AllocationRecorder
+
+from fastprime.kernels import linear_prm_loss
 
 IMPLS = ["reference", "chunked", "triton"]
 
