@@ -31,6 +31,9 @@ KNOWN_DISAGREEMENTS = {
     # Gold "W(n) = 1 and W(n) = -1" (escaped backslashes, unclosed box) vs "W(x)=1orW(x)=-1": different
     # variable names under strict comparison.
     ("math_verify_cases.jsonl", 219),
+    # "\frac{1}{2} \$ = \frac{10}{9}" for 10/9: a chain equating two different numbers is rejected as a
+    # whole (else "\boxed{2 = 3}" would pass for 3); Math-Verify grades a chain by its last side.
+    ("math_verify_cases.jsonl", 36),
     # A Python nested list "[[0,1], [1,0]]" as a matrix: not LaTeX, left unsupported.
     ("prime_cases.jsonl", 10),
 }
@@ -134,6 +137,15 @@ PROBES = [
     (r"\sqrt{2}", r"\boxed{\sqrt{2}+10^{-100}}", 0),
     ("1", r"\boxed{1+10^{-100}}", 0),
     ("0", r"\boxed{0.0000001}", 0),
+    # equation chains: graded by the last side, unless two numbers are claimed equal that are not
+    ("3", r"\boxed{2 = 3}", 0),
+    ("3", r"\boxed{x = 2 = 3}", 0),
+    ("3", r"\boxed{x = 1+2 = 3}", 1),
+    # plain-text number formats
+    ("1,2", r"\boxed{1, 2}", 1),  # a list, not 1.2
+    ("1,22", "1.22", 1),  # a decimal comma
+    (r"\$5.00", r"\boxed{5}", 1),
+    ("B", r"\boxed{b}", 1),
     # relative tolerance 1e-4 and the rounding rule
     ("1000", r"\boxed{1000.00001}", 1),
     ("1000", r"\boxed{1000.3}", 0),

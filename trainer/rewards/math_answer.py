@@ -25,7 +25,7 @@ __all__ = ["boxed_contents", "extract_answer", "extract_choice", "choice_letter"
 MAX_TAIL_CHARS = 8000
 
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)\s*(\{)?")
-_DELIMS_RE = re.compile(r"\$|\\\(|\\\[")
+_DELIMS_RE = re.compile(r"(?<!\\)\$|\\\(|\\\[")  # an escaped \$ is a currency sign, not math
 # Three or more letters in a row that are not a LaTeX command: prose, not an answer.
 _PROSE_WORD_RE = re.compile(r"(?<![\\a-zA-Z])[a-zA-Z]{3,}")
 _ANSWER_WORDS = {"and", "or", "pct", "percent", "percentage", "cm", "mm", "km", "inches", "feet", "meters"}
@@ -35,7 +35,7 @@ _HEDGE_PROSE_RE = re.compile(r"(?i)\b(?:or|either|maybe|possibly|perhaps|probabl
 _SENTENCE_SPLIT_RE = re.compile(r"(?<=[.!?])\s+|\n+")
 _NUMBER_RE = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?![\w.]*\d)")
 _FINAL_ANSWER_RE = re.compile(r"(?i)final answer")
-_CHOICE_RE = re.compile(r"^\s*(?:\\text(?:bf)?\{\s*)?\(?\s*([A-E])\s*\)?\s*\}?\s*\.?\s*$")
+_CHOICE_RE = re.compile(r"^\s*(?:\\text(?:bf)?\{\s*)?\(?\s*([A-Ea-e])\s*\)?\s*\}?\s*\.?\s*$")
 _CHOICE_IN_TEXT_RE = re.compile(
     r"(?i:answer|choice|option)(?:\s+is)?\s*:?\s*(?:\*\*)?\s*\(?([A-E])\)?(?:\*\*)?(?=\s*$|[.,;:])"
 )
@@ -91,15 +91,17 @@ def _plain_number(text: str) -> str:
     t = text.strip()
     if re.fullmatch(r"-?\d{1,3}(?: \d{3})+(?:\.\d+)?", t):
         return t.replace(" ", "")
-    if re.fullmatch(r"-?\d+,\d+", t) and not re.fullmatch(r"-?[1-9]\d{0,2},\d{3}", t):
+    # "1,2" and "10,20" stay lists; a decimal comma needs a 0, 4+ digits, or cents after one digit.
+    m = re.fullmatch(r"-?(\d+),(\d+)", t)
+    if m and (m.group(1) == "0" or len(m.group(1)) >= 4 or (len(m.group(1)) == 1 and len(m.group(2)) == 2)):
         return t.replace(",", ".")
     return t
 
 
 def choice_letter(answer: str) -> str | None:
-    """The multiple-choice letter A-E if `answer` is only a letter ("C", "(C)", "\\text{(C)}"), else None."""
+    """The multiple-choice letter A-E (upper case) if `answer` is only a letter ("C", "(c)", "\\text{(C)}")."""
     m = _CHOICE_RE.match(answer)
-    return m.group(1) if m else None
+    return m.group(1).upper() if m else None
 
 
 def _math_verify_fallback(text: str) -> str | None:

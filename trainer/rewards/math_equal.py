@@ -21,6 +21,7 @@ number of decimals and chops tiny values to zero, which accepts `1e-20` for `2e-
   list and only matches a gold with the same elements; a prediction with a hedging word (or, either, maybe,
   possibly, perhaps) is rejected outright unless the gold uses the same word.
 - multiple choice: a gold that is a single letter A-E matches only a prediction that is the same letter.
+- a false numeric equation (`2 = 3`, `x = 2 = 3`) is wrong, whatever its last side is.
 """
 
 from __future__ import annotations
@@ -146,6 +147,30 @@ def _strict_numbers():
         grader.sympy_numeric_eq = saved
 
 
+def _states_false_equality(expr) -> bool:
+    """True for a chain like `2 = 3` (or `x = 2 = 3`): two numbers claimed equal that are not.
+
+    math-verify grades an equation chain by its last side (`x = 5+6 = 11` is 11), which would let
+    `\\boxed{2 = 3}` pass for 3; a link between two different numbers makes the whole answer false.
+    """
+    from latex2sympy2_extended.logic import And
+    from sympy import Eq
+
+    links = expr._unsorted_args if isinstance(expr, And) else [expr]
+    for link in links:
+        if (
+            isinstance(link, Eq)
+            and getattr(link.lhs, "is_number", False)
+            and getattr(link.rhs, "is_number", False)
+        ):
+            try:
+                if not _values_equal(link.lhs, link.rhs):
+                    return True
+            except (TypeError, ValueError, ArithmeticError, AttributeError):
+                return False
+    return False
+
+
 def _too_complex(answer: str) -> bool:
     """Longer than any real final answer, or nested deeper than any real one: skip the parser."""
     if len(answer) > MAX_ANSWER_CHARS:
@@ -190,6 +215,8 @@ def answers_equal(gold: str, pred: str) -> bool:
     g, p = parse_answer(gold), parse_answer(pred)
     if g.expr is None or p.expr is None:
         return _plain(g.text) == _plain(p.text) and len(_plain(g.text)) > 0
+    if _states_false_equality(p.expr):
+        return False
     with _strict_numbers() as grader:
         try:
             return bool(
