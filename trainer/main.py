@@ -467,9 +467,9 @@ def train(cfg: Config, d: Dist) -> dict:
                         record["prm/pairwise_acc_after"] = prm_pairwise_accuracy((q * mask).sum(1), acc, k=K)
                     else:
                         q = res.q
-                record.update(
-                    {"prm/loss": res.loss, "prm/grad_norm": res.grad_norm, "prm/skipped_steps": res.skipped}
-                )
+                record["prm/loss"] = res.loss
+                if rc.update != "none":
+                    record.update({"prm/grad_norm": res.grad_norm, "prm/skipped_steps": res.skipped})
                 record["perf/prm_tokens_per_s"] = n_tokens / max(timer.times["time/prm_s"], 1e-9)
                 with timer("advantages"):
                     rewards = process_token_rewards(q, mask, granularity=rc.granularity, norm=rc.norm)

@@ -154,3 +154,45 @@ def test_cli_malformed_row_names_file_and_row(tmp_path):
     )
     assert proc.returncode == 2
     assert f"{data}: row 1: missing the answer" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize(
+    "flags, present, absent",
+    [
+        (["--prm.update", "before"], ["prm/pairwise_acc_after", "prm/loss"], []),
+        (
+            ["--prm.update", "none", "--algorithm.estimator", "grpo"],
+            ["prm/loss", "returns/process_mean"],
+            ["prm/grad_norm"],
+        ),
+        (
+            ["--algorithm.process-coef", "0", "--algorithm.estimator", "reinforce"],
+            ["policy/loss"],
+            ["prm/loss", "returns/process_mean"],
+        ),
+        (
+            ["--policy.loss-agg", "token-mean", "--policy.kl-coef", "0.1", "--policy.dual-clip", "3.0"],
+            ["policy/kl_ref"],
+            [],
+        ),
+    ],
+    ids=["prm-before", "frozen-prm-grpo", "outcome-only-reinforce", "token-mean-kl-dual-clip"],
+)
+def test_variants_run_one_iteration(tmp_path, flags, present, absent):
+    run = _run(
+        tmp_path,
+        "variant",
+        "--train.iterations",
+        "1",
+        "--train.eval-every",
+        "0",
+        "--data.demo-eval-rows",
+        "0",
+        *flags,
+    )
+    rec = read_metrics(run / "metrics.jsonl")[-1]
+    assert rec["step"] == 1
+    assert all(k in rec for k in present), [
+        k for k in present if k not in rec
+    ]  # null when undefined (no pairs)
+    assert all(k not in rec for k in absent), [k for k in absent if k in rec]
