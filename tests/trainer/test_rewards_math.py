@@ -163,7 +163,9 @@ PROBES = [
     (r"28\%", r"\boxed{0.28\%}", 0),
     ("0.28", r"\boxed{28\%}", 1),
     ("0.28", r"\boxed{28}", 0),
-    # symbolic equality
+    # symbolic equality (the first: an upstream case whose expected verdict is mathematically wrong)
+    (r"$1 - \frac{1}{\mathrm{e}}$", r"$1 + \frac{1}{\mathrm{e}}$", 0),
+    (r"1 - \frac{1}{\mathrm{e}}", r"\boxed{1-e^{-1}}", 1),
     (r"\frac{\sqrt{2}}{2}", r"\boxed{\frac{1}{\sqrt{2}}}", 1),
     (r"\sqrt2+\sqrt3", r"\boxed{\sqrt{5+2\sqrt6}}", 1),
     (r"\pi", r"\boxed{\pi}", 1),

@@ -34,6 +34,7 @@ _HEDGE_WORD_RE = re.compile(r"(?i)(?<![a-z\\])(or|either|maybe|possibly|perhaps|
 _HEDGE_PROSE_RE = re.compile(r"(?i)\b(?:or|either|maybe|possibly|perhaps|probably|could be|might be)\b")
 _SENTENCE_SPLIT_RE = re.compile(r"(?<=[.!?])\s+|\n+")
 _NUMBER_RE = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?![\w.]*\d)")
+_UPRIGHT_LETTER_RE = re.compile(r"\\(?:mathrm|rm|mathit|mathnormal)\s*\{\s*([a-zA-Z])\s*\}")
 _FINAL_ANSWER_RE = re.compile(r"(?i)final answer")
 _CHOICE_RE = re.compile(r"^\s*(?:\\text(?:bf)?\{\s*)?\(?\s*([A-Ea-e])\s*\)?\s*\}?\s*\.?\s*$")
 _CHOICE_IN_TEXT_RE = re.compile(
@@ -164,6 +165,9 @@ def extract_answer(text: str) -> str | None:
         return None
     # NFKC folds full-width digits and letters; a unicode minus would hide a number's sign from the regexes.
     text = unicodedata.normalize("NFKC", text).replace("\u2212", "-").strip()
+    # math-verify's normaliser drops "\mathrm{e}" as if it were a unit ("1 - \frac{1}{\mathrm{e}}" -> "1 -
+    # \frac{1}{"), so an upright single letter is written plain first.
+    text = _UPRIGHT_LETTER_RE.sub(r"\1", text)
     if not text:
         return None
     boxes = [b.strip() for b in boxed_contents(text)]

@@ -51,6 +51,7 @@ def _pre_normalize(answer: str) -> str:
     s = unicodedata.normalize("NFKC", answer)
     s = "".join(_UNICODE_TO_LATEX.get(c, c) for c in s)
     s = s.replace("\\$", " ").replace("$", " ")
+    s = re.sub(r"\\(?:mathrm|rm|mathit|mathnormal)\s*\{\s*([a-zA-Z])\s*\}", r"\1", s)  # see math_answer
     # "1,\! 000" is a thousands separator; every other spacing command is just space.
     s = re.sub(r"(?<=\d),\\!\s*(?=\d)", "", s)
     s = _SPACING_RE.sub(" ", s)
