@@ -80,3 +80,37 @@ def check_inputs(
             raise ValueError(
                 f"targets must be in [0, V={weight.shape[0]}) or ignore_index={ignore_index}, found {first}"
             )
+
+
+def flatten_head_inputs(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    bias: Tensor | None,
+    *,
+    temperature: float,
+    ignore_index: int,
+    impl: str,
+) -> tuple[str, Tensor, Tensor]:
+    """The input preparation every public op shares: resolve `impl`, `check_inputs`, then flatten.
+
+    hidden [..., D], targets [...] -> (impl, hidden [N, D] with unit stride along D, targets [N] int64).
+    """
+    impl = resolve_impl(impl, hidden)
+    check_inputs(hidden, weight, targets, bias, temperature=temperature, ignore_index=ignore_index, impl=impl)
+    h = hidden.reshape(-1, hidden.shape[-1])
+    if h.stride(-1) != 1:
+        h = h.contiguous()
+    return impl, h, targets.reshape(-1).to(torch.int64).contiguous()
+
+
+def check_per_token(targets: Tensor, **per_token: Tensor | None) -> None:
+    """ValueError naming the tensor unless each given per-token tensor has targets' shape [...]."""
+    for name, t in per_token.items():
+        if t is not None and t.shape != targets.shape:
+            raise ValueError(f"{name} shape {tuple(t.shape)} must equal targets shape {tuple(targets.shape)}")
+
+
+def flat_constant(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """A per-token constant of the loss (no gradient flows into it) [...] -> detached, contiguous [N] in dtype."""
+    return x.detach().reshape(-1).to(dtype).contiguous()

@@ -11,6 +11,7 @@ Shared core contract (used by ppo_loss.py / prm_loss.py; change only by editing 
         -> (grad_hidden [N, D] hidden.dtype, grad_weight [V, D] weight.dtype, grad_bias [V] or None);
         ignored rows get no gradient.
     resolve_impl(impl, hidden) -> "reference" | "chunked" | "triton"
+    LinearHeadLossFunction: the autograd Function both losses share (the core plus a per-token epilogue).
 impl here is "chunked" or "triton" (resolve "auto" first). fp64 inputs (chunked only) compute and return fp64.
 The chunked path lives in reference.py, the Triton kernels and launchers in linear_logprobs_triton.py.
 
@@ -21,19 +22,38 @@ Saved between forward and backward: lse and entropy, O(N).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from fastprime.kernels.dispatch import check_inputs, resolve_impl
+from fastprime.kernels.dispatch import flatten_head_inputs, resolve_impl
 from fastprime.kernels.reference import (
     chunked_logprobs_backward,
     chunked_logprobs_forward,
     linear_logprobs_reference,
 )
 
-__all__ = ["LogprobsEntropy", "linear_logprobs", "logprobs_backward", "logprobs_forward", "resolve_impl"]
+__all__ = [
+    "LinearHeadLossFunction",
+    "LogprobsEntropy",
+    "linear_logprobs",
+    "logprobs_backward",
+    "logprobs_forward",
+    "resolve_impl",
+]
+
+
+def _core_functions(impl: str) -> tuple[Callable, Callable]:
+    """impl "chunked" or "triton" -> its (forward, backward); Triton is imported only when asked for."""
+    if impl == "chunked":
+        return chunked_logprobs_forward, chunked_logprobs_backward
+    if impl == "triton":
+        from fastprime.kernels.linear_logprobs_triton import triton_logprobs_backward, triton_logprobs_forward
+
+        return triton_logprobs_forward, triton_logprobs_backward
+    raise ValueError(f"the log-prob core's impl={impl!r} must be 'chunked' or 'triton'")
 
 
 def logprobs_forward(
@@ -52,19 +72,16 @@ def logprobs_forward(
     fp32 outputs; ignored rows give logp = entropy = 0. impl: "chunked" or "triton". Inputs are not checked
     here (callers run `check_inputs` once on the user-facing tensors).
     """
-    if impl == "chunked":
-        return chunked_logprobs_forward(
-            hidden, weight, targets, bias, temperature=temperature, ignore_index=ignore_index,
-            need_entropy=need_entropy,
-        )  # fmt: skip
-    if impl == "triton":
-        from fastprime.kernels.linear_logprobs_triton import triton_logprobs_forward
-
-        return triton_logprobs_forward(
-            hidden, weight, targets, bias, temperature=temperature, ignore_index=ignore_index,
-            need_entropy=need_entropy,
-        )  # fmt: skip
-    raise ValueError(f"logprobs_forward impl={impl!r} must be 'chunked' or 'triton'")
+    forward, _ = _core_functions(impl)
+    return forward(
+        hidden,
+        weight,
+        targets,
+        bias,
+        temperature=temperature,
+        ignore_index=ignore_index,
+        need_entropy=need_entropy,
+    )
 
 
 def logprobs_backward(
@@ -86,19 +103,11 @@ def logprobs_backward(
     from it, grad_logp [N], grad_entropy [N] or None -> (grad_hidden [N, D], grad_weight [V, D],
     grad_bias [V]), each None where `needs_input_grad` (hidden, weight, bias) is False or bias is None.
     """
-    if impl == "chunked":
-        return chunked_logprobs_backward(
-            hidden, weight, targets, bias, lse, entropy, grad_logp, grad_entropy,
-            temperature=temperature, ignore_index=ignore_index, needs_input_grad=needs_input_grad,
-        )  # fmt: skip
-    if impl == "triton":
-        from fastprime.kernels.linear_logprobs_triton import triton_logprobs_backward
-
-        return triton_logprobs_backward(
-            hidden, weight, targets, bias, lse, entropy, grad_logp, grad_entropy,
-            temperature=temperature, ignore_index=ignore_index, needs_input_grad=needs_input_grad,
-        )  # fmt: skip
-    raise ValueError(f"logprobs_backward impl={impl!r} must be 'chunked' or 'triton'")
+    _, backward = _core_functions(impl)
+    return backward(
+        hidden, weight, targets, bias, lse, entropy, grad_logp, grad_entropy,
+        temperature=temperature, ignore_index=ignore_index, needs_input_grad=needs_input_grad,
+    )  # fmt: skip
 
 
 class LinearLogprobsFunction(torch.autograd.Function):
@@ -131,6 +140,40 @@ class LinearLogprobsFunction(torch.autograd.Function):
         return grad_h, grad_w, None, grad_b, None, None, None, None
 
 
+class LinearHeadLossFunction(torch.autograd.Function):
+    """A scalar loss of the head's per-token log-probs (and entropy), fused onto the core; 2-D inputs.
+
+    forward(hidden [N, D], weight [V, D], bias [V] or None, targets [N], temperature, ignore_index, impl,
+    need_entropy, epilogue) runs the core, then `epilogue(logp [N], entropy [N] or None) -> (loss 0-dim,
+    g [N] = dL/dlogp, e [N] = dL/dH or None, extras)` and returns (loss, *extras), extras being detached
+    per-token outputs. Saved: the inputs plus lse, g, e (and the entropy when e is given), O(N); the backward
+    recomputes the logits in `logprobs_backward` with the upstream grad_loss times (g, e).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, ignore_index, impl, need_entropy, epilogue):
+        logp, entropy, lse = logprobs_forward(
+            hidden, weight, targets, bias, temperature=temperature, ignore_index=ignore_index, impl=impl,
+            need_entropy=need_entropy,
+        )  # fmt: skip
+        loss, g, e, extras = epilogue(logp, entropy)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, None if e is None else entropy, g, e)
+        ctx.options = (temperature, ignore_index, impl)
+        ctx.mark_non_differentiable(*extras)
+        return (loss, *extras)
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_grad_extras):
+        hidden, weight, bias, targets, lse, entropy, g, e = ctx.saved_tensors
+        temperature, ignore_index, impl = ctx.options
+        grad_h, grad_w, grad_b = logprobs_backward(
+            hidden, weight, targets, bias, lse, entropy, g * grad_loss, None if e is None else e * grad_loss,
+            temperature=temperature, ignore_index=ignore_index, impl=impl,
+            needs_input_grad=(ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]),
+        )  # fmt: skip
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None
+
+
 class LogprobsEntropy(NamedTuple):
     """Per-token log-prob of the target and entropy of the tempered distribution, both fp32 [...]."""
 
@@ -160,21 +203,17 @@ def linear_logprobs(
     through both outputs. impl: "auto" (env FASTPRIME_KERNEL_IMPL, else "triton" on CUDA, "chunked" on CPU),
     "reference" (eager, materialises logits), "chunked" or "triton".
     """
-    impl = resolve_impl(impl, hidden)
-    check_inputs(hidden, weight, targets, bias, temperature=temperature, ignore_index=ignore_index, impl=impl)
-    targets = targets.long()
+    lead = targets.shape
+    impl, h2, t2 = flatten_head_inputs(
+        hidden, weight, targets, bias, temperature=temperature, ignore_index=ignore_index, impl=impl
+    )
     if impl == "reference":
         logp, entropy = linear_logprobs_reference(
-            hidden, weight, targets, bias=bias, temperature=temperature, ignore_index=ignore_index
+            h2, weight, t2, bias=bias, temperature=temperature, ignore_index=ignore_index
         )
-        return LogprobsEntropy(logp, entropy) if return_entropy else logp
-    lead = hidden.shape[:-1]
-    h2 = hidden.reshape(-1, hidden.shape[-1])
-    if h2.stride(-1) != 1:
-        h2 = h2.contiguous()
-    t2 = targets.reshape(-1)
-    logp, entropy, _ = LinearLogprobsFunction.apply(
-        h2, weight, t2, bias, float(temperature), int(ignore_index), impl, return_entropy
-    )
+    else:
+        logp, entropy, _ = LinearLogprobsFunction.apply(
+            h2, weight, t2, bias, float(temperature), int(ignore_index), impl, return_entropy
+        )
     logp = logp.reshape(lead)
     return LogprobsEntropy(logp, entropy.reshape(lead)) if return_entropy else logp

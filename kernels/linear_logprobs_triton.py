@@ -69,6 +69,36 @@ V_CHUNK = 8192
 _HOST_BLOCK_N = 16 if INTERPRET else 128
 
 
+@triton.jit
+def _load_tile(PTR, idx64, idx_ok, stride, d, d_ok):
+    """[len(idx64), len(d)] tile of a row-major matrix with unit stride along d; 0 outside the masks."""
+    return tl.load(
+        PTR + idx64[:, None] * stride + d[None, :], mask=idx_ok[:, None] & d_ok[None, :], other=0.0
+    )
+
+
+@triton.jit
+def _logits_tile(
+    H, W, B, rows64, row_ok, cols64, col_ok, D, stride_hn, stride_wv, temperature,
+    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Tempered logits (h W^T + b) / T of a [BLOCK_N rows, BLOCK_V cols] tile, fp32 accumulation; columns
+    past V hold the bias-free 0 / T and must be masked by the caller."""
+    offs_d = tl.arange(0, BLOCK_D)
+    acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + offs_d
+        d_ok = d < D
+        h = _load_tile(H, rows64, row_ok, stride_hn, d, d_ok)
+        w = _load_tile(W, cols64, col_ok, stride_wv, d, d_ok)
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(B + cols64, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    # div_rn: IEEE-rounded division, so the temperature is applied exactly as torch's z / T does.
+    return tl.div_rn(acc, temperature)
+
+
 @triton.autotune(configs=_FWD_CONFIGS, key=["V", "D"])
 @triton.jit
 def _logprobs_fwd_kernel(
@@ -91,26 +121,15 @@ def _logprobs_fwd_kernel(
     s = tl.zeros([BLOCK_N], tl.float32)
     a = tl.zeros([BLOCK_N], tl.float32)
     zt = tl.zeros([BLOCK_N], tl.float32)
-    offs_d = tl.arange(0, BLOCK_D)
     for tile in range(tile_lo, tile_hi):
         cols = tile * BLOCK_V + tl.arange(0, BLOCK_V)
         cols64 = cols.to(tl.int64)
         col_ok = cols < V
-        acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            d = d0 + offs_d
-            d_ok = d < D
-            h = tl.load(
-                H + rows64[:, None] * stride_hn + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0
-            )
-            w = tl.load(
-                W + cols64[:, None] * stride_wv + d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0
-            )
-            acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
-        if HAS_BIAS:
-            acc += tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        # div_rn: IEEE-rounded division, so the temperature is applied exactly as torch's z / T does.
-        z = tl.where(col_ok[None, :], tl.div_rn(acc, temperature), float("-inf"))
+        z = _logits_tile(
+            H, W, B, rows64, row_ok, cols64, col_ok, D, stride_hn, stride_wv, temperature,
+            HAS_BIAS, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
+        )  # fmt: skip
+        z = tl.where(col_ok[None, :], z, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, axis=1))
         scale = tl.exp(m - m_new)
         p = tl.exp(z - m_new[:, None])
@@ -165,21 +184,11 @@ def _logprobs_bwd_kernel(
     if live > 0:
         tgt = tl.load(TGT + rows, mask=row_ok, other=-1)
         lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
-        offs_d = tl.arange(0, BLOCK_D)
-        acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            d = d0 + offs_d
-            d_ok = d < D
-            h = tl.load(
-                H + rows64[:, None] * stride_hn + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0
-            )
-            w = tl.load(
-                W + cols64[:, None] * stride_wv + d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0
-            )
-            acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
-        if HAS_BIAS:
-            acc += tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        log_p = tl.where(row_ok[:, None] & col_ok[None, :], tl.div_rn(acc, temperature) - lse[:, None], 0.0)
+        z = _logits_tile(
+            H, W, B, rows64, row_ok, cols64, col_ok, D, stride_hn, stride_wv, temperature,
+            HAS_BIAS, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
+        )  # fmt: skip
+        log_p = tl.where(row_ok[:, None] & col_ok[None, :], z - lse[:, None], 0.0)
         p = tl.where(row_ok[:, None] & col_ok[None, :], tl.exp(log_p), 0.0)
         G = tl.where(cols[None, :] == tgt[:, None], g[:, None], 0.0) - g[:, None] * p
         if HAS_GE:
@@ -188,23 +197,16 @@ def _logprobs_bwd_kernel(
         if NEED_DB:
             tl.atomic_add(DB + cols, tl.sum(G, axis=0), mask=col_ok)
         G_in = G.to(H.dtype.element_ty)
+        offs_d = tl.arange(0, BLOCK_D)
         for d0 in range(0, D, BLOCK_D):
             d = d0 + offs_d
             d_ok = d < D
             if NEED_DH:
-                w = tl.load(
-                    W + cols64[:, None] * stride_wv + d[None, :],
-                    mask=col_ok[:, None] & d_ok[None, :],
-                    other=0.0,
-                )
+                w = _load_tile(W, cols64, col_ok, stride_wv, d, d_ok)
                 dh = tl.dot(G_in, w, input_precision=DOT_PRECISION)
                 tl.atomic_add(DH + rows64[:, None] * D + d[None, :], dh, mask=row_ok[:, None] & d_ok[None, :])
             if NEED_DW:
-                h = tl.load(
-                    H + rows64[:, None] * stride_hn + d[None, :],
-                    mask=row_ok[:, None] & d_ok[None, :],
-                    other=0.0,
-                )
+                h = _load_tile(H, rows64, row_ok, stride_hn, d, d_ok)
                 dw = tl.dot(tl.trans(G_in), h, input_precision=DOT_PRECISION)
                 tl.atomic_add(DW + cols64[:, None] * D + d[None, :], dw, mask=col_ok[:, None] & d_ok[None, :])
 
@@ -228,7 +230,11 @@ def _num_splits(n: int, v: int, device: torch.device) -> int:
     return max(1, min(triton.cdiv(2 * sms, row_blocks), triton.cdiv(v, 128)))
 
 
-def _check_triton_inputs(hidden: Tensor, weight: Tensor) -> None:
+def _prepare_launch(
+    hidden: Tensor, weight: Tensor, targets: Tensor, *, ignore_index: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Checks and layouts both launchers share: hidden [N, D], weight [V, D], targets [N] -> (hidden and
+    weight with unit stride along D, keep [N] bool, targets [N] contiguous with -1 at ignored rows)."""
     if hidden.dtype == torch.float64:
         raise ValueError("impl='triton' does not take float64 inputs; use impl='chunked' or 'reference'")
     if INTERPRET and hidden.dtype == torch.bfloat16:
@@ -242,6 +248,10 @@ def _check_triton_inputs(hidden: Tensor, weight: Tensor) -> None:
             f"impl='triton' needs a CUDA tensor or TRITON_INTERPRET=1, got device {hidden.device}; "
             "use impl='chunked'"
         )
+    hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
+    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+    keep = targets != ignore_index
+    return hidden, weight, keep, torch.where(keep, targets, -1).contiguous()
 
 
 def triton_logprobs_forward(
@@ -257,13 +267,9 @@ def triton_logprobs_forward(
 ) -> tuple[Tensor, Tensor | None, Tensor]:
     """hidden [N, D], weight [V, D], targets [N], bias [V] or None -> (logp [N], entropy [N] or None, lse [N]),
     fp32; ignored rows give logp = entropy = 0. n_split overrides the number of vocab splits (tests)."""
-    _check_triton_inputs(hidden, weight)
+    hidden, weight, keep, tgt = _prepare_launch(hidden, weight, targets, ignore_index=ignore_index)
     n, dim = hidden.shape
     v = weight.shape[0]
-    hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
-    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
-    keep = targets != ignore_index
-    tgt = torch.where(keep, targets, -1).contiguous()
     splits = n_split or _num_splits(n, v, hidden.device)
     f32 = dict(dtype=torch.float32, device=hidden.device)
     m, s, zt = (torch.empty(splits, n, **f32) for _ in range(3))
@@ -310,7 +316,7 @@ def triton_logprobs_backward(
     dh accumulates in fp32 [N, D] (the gradient itself when hidden is fp32); the vocab is processed in
     chunks of `v_chunk` rows of W, each with an fp32 [v_chunk, D] dW accumulator copied into grad_weight
     afterwards (none when weight is fp32), so the scratch stays O(N D + v_chunk D), never O(V D) or O(N V)."""
-    _check_triton_inputs(hidden, weight)
+    hidden, weight, keep, tgt = _prepare_launch(hidden, weight, targets, ignore_index=ignore_index)
     if grad_entropy is not None and entropy is None:
         raise ValueError("grad_entropy was given but entropy is None: the forward must compute entropy")
     if v_chunk < 1:
@@ -319,10 +325,6 @@ def triton_logprobs_backward(
     v = weight.shape[0]
     need_h, need_w, need_b = needs_input_grad
     need_b = need_b and bias is not None
-    hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
-    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
-    keep = targets != ignore_index
-    tgt = torch.where(keep, targets, -1).contiguous()
     g = torch.where(keep, grad_logp.float(), 0.0).contiguous()
     has_ge = grad_entropy is not None
     e = torch.where(keep, grad_entropy.float(), 0.0).contiguous() if has_ge else g

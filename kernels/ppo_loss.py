@@ -11,7 +11,7 @@ Gradient coefficients (the per-token epilogue):
     g_t = dL/dlogp_t = w_t (-A r [unclipped branch active] + kl_coef (1 - exp(u)) [u not clamped])
     e_t = dL/dH_t    = -entropy_coef w_t
 The forward saves lse, g, e (and the entropy when entropy_coef != 0): O(tokens); the backward recomputes logits
-tile by tile in the shared core (`logprobs_backward`).
+tile by tile in the shared core (`LinearHeadLossFunction`).
 """
 
 from dataclasses import dataclass
@@ -22,9 +22,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastprime.kernels.dispatch import check_inputs, resolve_impl
-from fastprime.kernels.linear_logprobs import logprobs_backward, logprobs_forward
-from fastprime.kernels.reference import compute_dtype
+from fastprime.kernels.dispatch import check_per_token, flat_constant, flatten_head_inputs
+from fastprime.kernels.linear_logprobs import LinearHeadLossFunction
+from fastprime.kernels.reference import compute_dtype, linear_logprobs_reference
 
 LOG_RATIO_CLAMP = 20.0
 CLIP_NONE, CLIP_LOW, CLIP_HIGH, CLIP_DUAL = 0, 1, 2, 3
@@ -140,6 +140,32 @@ def ppo_epilogue(
         return (*outs, code)
 
     valid = targets != opts.ignore_index
+    ent = entropy if has_ent else None
+    term, ratio, kl, code, d, u = _ppo_terms(logp, ent, old_logp, advantages, ref_logp, valid, opts)
+    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+    adv = torch.where(valid, advantages.to(logp.dtype), zero)
+    g = torch.where((code == CLIP_NONE) & (d.abs() <= LOG_RATIO_CLAMP), -adv * ratio, zero)
+    if ref_logp is not None:
+        eu = torch.exp(u.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+        g = g + torch.where(u.abs() <= LOG_RATIO_CLAMP, opts.kl_coef * (1.0 - eu), zero)
+    wv = torch.where(valid, w.to(logp.dtype), zero)
+    return wv * term, wv * g, -opts.entropy_coef * wv, ratio, kl, code.to(torch.int8)
+
+
+def _ppo_terms(
+    logp: Tensor,
+    entropy: Tensor | None,
+    old_logp: Tensor,
+    advantages: Tensor,
+    ref_logp: Tensor | None,
+    valid: Tensor,
+    opts: PPOOptions,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The module docstring's per-token formula in plain torch (differentiable through logp and entropy).
+
+    All [N] -> (term, ratio, k3 kl, clip code, d = logp - old_logp, u = ref_logp - logp), 0 at invalid tokens;
+    the entropy bonus is left out when entropy is None, the KL term when ref_logp is None.
+    """
     dt = logp.dtype  # fp32, or fp64 when the core ran on fp64 inputs (gradcheck)
     zero = torch.zeros((), dtype=dt, device=logp.device)
     adv = torch.where(valid, advantages.to(dt), zero)
@@ -147,66 +173,22 @@ def ppo_epilogue(
     ratio = torch.exp(d.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
     pg1 = -adv * ratio
     pg2 = -adv * ratio.clamp(1.0 - opts.clip_low, 1.0 + opts.clip_high)
-    clipped = pg2 > pg1
     pg = torch.maximum(pg1, pg2)
-    code = torch.where(clipped, torch.where(adv < 0, CLIP_LOW, CLIP_HIGH), CLIP_NONE)
+    code = torch.where(pg2 > pg1, torch.where(adv < 0, CLIP_LOW, CLIP_HIGH), CLIP_NONE)
     if opts.dual_clip is not None:
         pg3 = -adv * opts.dual_clip
         dual = (adv < 0) & (pg > pg3)
         pg = torch.where(dual, pg3, pg)
         code = torch.where(dual, CLIP_DUAL, code)
-    active = (code == CLIP_NONE) & (d.abs() <= LOG_RATIO_CLAMP)
-    g = torch.where(active, -adv * ratio, zero)
-    term = pg
-    kl = torch.zeros_like(pg)
+    term, kl, u = pg, torch.zeros_like(pg), torch.zeros_like(pg)
     if ref_logp is not None:
         u = torch.where(valid, ref_logp.to(dt) - logp, zero)
-        eu = torch.exp(u.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
-        kl = eu - u.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP) - 1.0
+        u_c = u.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+        kl = torch.exp(u_c) - u_c - 1.0
         term = term + opts.kl_coef * kl
-        g = g + torch.where(u.abs() <= LOG_RATIO_CLAMP, opts.kl_coef * (1.0 - eu), zero)
-    if has_ent:
+    if entropy is not None:
         term = term - opts.entropy_coef * entropy
-    wv = torch.where(valid, w.to(dt), zero)
-    return (
-        wv * term,
-        wv * g,
-        -opts.entropy_coef * wv,
-        torch.where(valid, ratio, zero),
-        kl,
-        code.to(torch.int8),
-    )
-
-
-class LinearPPOLossFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, old_logp, advantages, w, ref_logp, opts: PPOOptions):
-        logp, entropy, lse = logprobs_forward(
-            hidden, weight, targets, bias, temperature=opts.temperature, ignore_index=opts.ignore_index,
-            impl=opts.impl, need_entropy=True,
-        )  # fmt: skip
-        term, g, e, ratio, kl, code = ppo_epilogue(
-            logp, entropy, old_logp, advantages, w, ref_logp, targets, opts, opts.impl
-        )
-        needs_entropy_grad = opts.entropy_coef != 0.0
-        ctx.save_for_backward(
-            hidden, weight, bias, targets, lse, entropy if needs_entropy_grad else None, g, e
-        )
-        ctx.opts = opts
-        ctx.mark_non_differentiable(logp, entropy, ratio, kl, code)
-        return term.sum(), logp, entropy, ratio, kl, code
-
-    @staticmethod
-    def backward(ctx, grad_loss, *_):
-        hidden, weight, bias, targets, lse, entropy, g, e = ctx.saved_tensors
-        opts: PPOOptions = ctx.opts
-        grad_h, grad_w, grad_b = logprobs_backward(
-            hidden, weight, targets, bias, lse, entropy, g * grad_loss,
-            e * grad_loss if entropy is not None else None,
-            temperature=opts.temperature, ignore_index=opts.ignore_index, impl=opts.impl,
-            needs_input_grad=(ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]),
-        )  # fmt: skip
-        return grad_h, grad_w, grad_b, None, None, None, None, None, None
+    return term, torch.where(valid, ratio, zero), kl, code, d, u
 
 
 def _stats(logp, entropy, ratio, kl, code, old_logp, w, targets, ignore_index) -> PPOStats:
@@ -247,51 +229,29 @@ def linear_ppo_loss_reference(
 
     Shapes as in `linear_ppo_loss`, already flattened: hidden [N, D], weight [V, D], per-token tensors [N].
     """
-    dt = compute_dtype(hidden.dtype)
-    logits = hidden.to(dt) @ weight.to(dt).T
-    if bias is not None:
-        logits = logits + bias.to(dt)
-    logprobs = torch.log_softmax(logits / temperature, dim=-1)
-    valid = targets != ignore_index
-    safe_t = torch.where(valid, targets, 0)
-    zero = torch.zeros((), dtype=dt, device=hidden.device)
-    logp = torch.where(valid, logprobs.gather(-1, safe_t.unsqueeze(-1)).squeeze(-1), zero)
-    entropy = torch.where(valid, -(logprobs.exp() * logprobs).sum(-1), zero)
-    adv = torch.where(valid, advantages.to(dt), zero)
-    ratio = torch.exp(
-        torch.where(valid, logp - old_logp.to(dt), zero).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    logp, entropy = linear_logprobs_reference(
+        hidden, weight, targets, bias=bias, temperature=temperature, ignore_index=ignore_index
     )
-    pg1, pg2 = -adv * ratio, -adv * ratio.clamp(1 - clip_low, 1 + clip_high)
-    pg = torch.maximum(pg1, pg2)
-    code = torch.where(pg2 > pg1, torch.where(adv < 0, CLIP_LOW, CLIP_HIGH), CLIP_NONE)
-    if dual_clip is not None:
-        dual = (adv < 0) & (pg > -adv * dual_clip)
-        pg = torch.where(dual, -adv * dual_clip, pg)
-        code = torch.where(dual, CLIP_DUAL, code)
-    term, kl = pg, torch.zeros_like(pg)
-    if ref_logp is not None:
-        u = torch.where(valid, ref_logp.to(dt) - logp, zero).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-        kl = torch.exp(u) - u - 1
-        term = term + kl_coef * kl
-    term = term - entropy_coef * entropy
-    loss = (torch.where(valid, w.to(dt), zero) * term).sum()
+    opts = PPOOptions(
+        clip_low, clip_high, dual_clip, temperature, kl_coef, entropy_coef, ignore_index, "reference"
+    )
+    valid = targets != ignore_index
+    term, ratio, kl, code, _, _ = _ppo_terms(logp, entropy, old_logp, advantages, ref_logp, valid, opts)
+    loss = (torch.where(valid, w.to(logp.dtype), 0.0) * term).sum()
     stats = _stats(
         logp.detach(), entropy.detach(), ratio.detach(), kl.detach(), code, old_logp, w, targets, ignore_index
     )
     return loss, stats
 
 
-def _check_ppo_inputs(targets: Tensor, per_token: dict[str, Tensor | None], opts: PPOOptions) -> None:
-    for name, t in per_token.items():
-        if t is not None and t.shape != targets.shape:
-            raise ValueError(f"{name} shape {tuple(t.shape)} must equal targets shape {tuple(targets.shape)}")
+def _check_ppo_options(opts: PPOOptions, ref_logp: Tensor | None) -> None:
     if not 0.0 <= opts.clip_low < 1.0:
         raise ValueError(f"clip_low must be in [0, 1), got {opts.clip_low}")
     if opts.clip_high < 0.0:
         raise ValueError(f"clip_high must be >= 0, got {opts.clip_high}")
     if opts.dual_clip is not None and opts.dual_clip <= 1.0:
         raise ValueError(f"dual_clip must be > 1 (or None), got {opts.dual_clip}")
-    if opts.kl_coef != 0.0 and per_token["ref_logp"] is None:
+    if opts.kl_coef != 0.0 and ref_logp is None:
         raise ValueError(f"kl_coef={opts.kl_coef} needs ref_logp")
 
 
@@ -328,19 +288,18 @@ def linear_ppo_loss(
     Equivalent to `linear_ppo_loss_reference`, i.e. `logp = log_softmax((hidden @ weight.T + bias) / T)[targets]`
     followed by the formula in this module's docstring.
     """
-    impl = resolve_impl(impl, hidden)
-    check_inputs(hidden, weight, targets, bias, temperature=temperature, ignore_index=ignore_index, impl=impl)
+    shape = targets.shape
+    impl, h, t = flatten_head_inputs(
+        hidden, weight, targets, bias, temperature=temperature, ignore_index=ignore_index, impl=impl
+    )
     opts = PPOOptions(
         clip_low, clip_high, dual_clip, float(temperature), kl_coef, entropy_coef, ignore_index, impl
     )
-    per_token = dict(old_logp=old_logp, advantages=advantages, w=w, ref_logp=ref_logp)
-    _check_ppo_inputs(targets, per_token, opts)
-    shape = targets.shape
+    check_per_token(targets, old_logp=old_logp, advantages=advantages, w=w, ref_logp=ref_logp)
+    _check_ppo_options(opts, ref_logp)
     dt = compute_dtype(hidden.dtype)
-    h = hidden.reshape(-1, hidden.shape[-1])
-    t = targets.reshape(-1).to(torch.int64).contiguous()
-    old, adv, wf = (x.detach().reshape(-1).to(dt).contiguous() for x in (old_logp, advantages, w))
-    ref = ref_logp.detach().reshape(-1).to(dt).contiguous() if ref_logp is not None else None
+    old, adv, wf = (flat_constant(x, dt) for x in (old_logp, advantages, w))
+    ref = None if ref_logp is None else flat_constant(ref_logp, dt)
     if impl == "reference":
         loss, stats = linear_ppo_loss_reference(
             h, weight, t, old, adv, wf, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
@@ -348,8 +307,13 @@ def linear_ppo_loss(
             ignore_index=ignore_index,
         )  # fmt: skip
         return loss, stats._replace(logp=stats.logp.reshape(shape))
-    loss, logp, entropy, ratio, kl, code = LinearPPOLossFunction.apply(
-        h.contiguous(), weight.contiguous(), bias, t, old, adv, wf, ref, opts
+
+    def epilogue(logp: Tensor, entropy: Tensor):
+        term, g, e, ratio, kl, code = ppo_epilogue(logp, entropy, old, adv, wf, ref, t, opts, impl)
+        return term.sum(), g, (e if entropy_coef != 0.0 else None), (logp, entropy, ratio, kl, code)
+
+    loss, logp, entropy, ratio, kl, code = LinearHeadLossFunction.apply(
+        h, weight, bias, t, opts.temperature, ignore_index, impl, True, epilogue
     )
     stats = _stats(logp, entropy, ratio, kl, code, old, wf, t, ignore_index)
     return loss, stats._replace(logp=logp.reshape(shape))

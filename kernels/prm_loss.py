@@ -7,7 +7,7 @@ global `num_seqs` (micro-batch accumulation). PRIME (Cui et al. 2025, arXiv:2502
 Gradient (the per-token epilogue), using d BCE(x, y)/dx = sigmoid(x) - y:
     g_t = dL/dlogp_t = beta (sigmoid(score_s) - y_s) / n   for t in s, else 0
 ref_logp and labels are constants: the gradient flows into the PRM (hidden, weight, bias) only. The forward saves
-lse and g, O(tokens); the backward recomputes logits tile by tile in the shared core (`logprobs_backward`).
+lse and g, O(tokens); the backward recomputes logits tile by tile in the shared core (`LinearHeadLossFunction`).
 """
 
 import math
@@ -18,9 +18,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastprime.kernels.dispatch import check_inputs, resolve_impl
-from fastprime.kernels.linear_logprobs import logprobs_backward, logprobs_forward
-from fastprime.kernels.reference import compute_dtype
+from fastprime.kernels.dispatch import check_per_token, flat_constant, flatten_head_inputs
+from fastprime.kernels.linear_logprobs import LinearHeadLossFunction
+from fastprime.kernels.reference import compute_dtype, linear_logprobs_reference
 
 
 @triton.jit
@@ -103,48 +103,6 @@ def prm_epilogue(
     return loss, q, torch.where(member, dscore[seq], 0.0)
 
 
-class LinearPRMLossFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(
-        ctx,
-        hidden,
-        weight,
-        bias,
-        targets,
-        ref_logp,
-        seq_ids,
-        labels,
-        beta,
-        temperature,
-        ignore_index,
-        num_seqs,
-        impl,
-    ):
-        logp, _, lse = logprobs_forward(
-            hidden, weight, targets, bias, temperature=temperature, ignore_index=ignore_index, impl=impl,
-            need_entropy=False,
-        )  # fmt: skip
-        loss, q, g = prm_epilogue(
-            logp, ref_logp, targets, seq_ids, labels, beta=beta, ignore_index=ignore_index, num_seqs=num_seqs,
-            impl=impl,
-        )  # fmt: skip
-        ctx.save_for_backward(hidden, weight, bias, targets, lse, g)
-        ctx.options = (temperature, ignore_index, impl)
-        ctx.mark_non_differentiable(q)
-        return loss, q
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_q):
-        hidden, weight, bias, targets, lse, g = ctx.saved_tensors
-        temperature, ignore_index, impl = ctx.options
-        grad_h, grad_w, grad_b = logprobs_backward(
-            hidden, weight, targets, bias, lse, None, g * grad_loss, None, temperature=temperature,
-            ignore_index=ignore_index, impl=impl,
-            needs_input_grad=(ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]),
-        )  # fmt: skip
-        return grad_h, grad_w, grad_b, *([None] * 9)
-
-
 def linear_prm_loss_reference(
     hidden: Tensor,
     weight: Tensor,
@@ -163,13 +121,11 @@ def linear_prm_loss_reference(
 
     hidden [N, D], weight [V, D], targets / ref_logp / seq_ids [N], labels [S] -> (loss 0-dim, q [N] detached).
     """
-    dt = compute_dtype(hidden.dtype)
-    logits = hidden.to(dt) @ weight.to(dt).T
-    if bias is not None:
-        logits = logits + bias.to(dt)
-    logprobs = torch.log_softmax(logits / temperature, dim=-1)
+    logp, _ = linear_logprobs_reference(
+        hidden, weight, targets, bias=bias, temperature=temperature, ignore_index=ignore_index
+    )
+    dt = logp.dtype
     member = (targets != ignore_index) & (seq_ids >= 0)
-    logp = logprobs.gather(-1, torch.where(member, targets, 0).unsqueeze(-1)).squeeze(-1)
     q = torch.where(member, logp - ref_logp.to(dt), 0.0)
     S = labels.shape[0]
     onehot = (seq_ids.unsqueeze(0) == torch.arange(S, device=seq_ids.device).unsqueeze(1)) & member  # [S, N]
@@ -181,9 +137,7 @@ def linear_prm_loss_reference(
 
 
 def _check_prm_inputs(targets, ref_logp, seq_ids, labels, beta, num_seqs) -> None:
-    for name, t in (("ref_logp", ref_logp), ("seq_ids", seq_ids)):
-        if t.shape != targets.shape:
-            raise ValueError(f"{name} shape {tuple(t.shape)} must equal targets shape {tuple(targets.shape)}")
+    check_per_token(targets, ref_logp=ref_logp, seq_ids=seq_ids)
     if seq_ids.dtype.is_floating_point or seq_ids.dtype == torch.bool:
         raise ValueError(f"seq_ids must be an integer tensor, got {seq_ids.dtype}")
     if labels.dim() != 1 or not labels.dtype.is_floating_point:
@@ -237,14 +191,13 @@ def linear_prm_loss(
     Equivalent to `linear_prm_loss_reference`: logp = log_softmax((hidden @ weight.T + bias) / T)[targets],
     score_s = beta Σ_{t in s} q_t, loss = Σ_{s present} BCE_with_logits(score_s, labels_s) / n.
     """
-    impl = resolve_impl(impl, hidden)
-    check_inputs(hidden, weight, targets, bias, temperature=temperature, ignore_index=ignore_index, impl=impl)
-    _check_prm_inputs(targets, ref_logp, seq_ids, labels, beta, num_seqs)
     shape = targets.shape
+    impl, h, t = flatten_head_inputs(
+        hidden, weight, targets, bias, temperature=temperature, ignore_index=ignore_index, impl=impl
+    )
+    _check_prm_inputs(targets, ref_logp, seq_ids, labels, beta, num_seqs)
     dt = compute_dtype(hidden.dtype)
-    h = hidden.reshape(-1, hidden.shape[-1])
-    t = targets.reshape(-1).to(torch.int64).contiguous()
-    ref = ref_logp.detach().reshape(-1).to(dt).contiguous()
+    ref = flat_constant(ref_logp, dt)
     seq = seq_ids.reshape(-1).to(torch.int64).contiguous()
     y = labels.detach().to(dt).contiguous()
     if impl == "reference":
@@ -253,8 +206,14 @@ def linear_prm_loss(
             num_seqs=num_seqs,
         )  # fmt: skip
         return loss, q.reshape(shape)
-    loss, q = LinearPRMLossFunction.apply(
-        h.contiguous(), weight.contiguous(), bias, t, ref, seq, y, float(beta), float(temperature), int(ignore_index),
-        num_seqs, impl,
-    )  # fmt: skip
+
+    def epilogue(logp: Tensor, _entropy: None):
+        loss, q, g = prm_epilogue(
+            logp, ref, t, seq, y, beta=beta, ignore_index=ignore_index, num_seqs=num_seqs, impl=impl
+        )
+        return loss, g, None, (q,)
+
+    loss, q = LinearHeadLossFunction.apply(
+        h, weight, bias, t, float(temperature), int(ignore_index), impl, False, epilogue
+    )
     return loss, q.reshape(shape)
