@@ -211,7 +211,7 @@ def _logprobs_bwd_kernel(
                 tl.atomic_add(DW + cols64[:, None] * D + d[None, :], dw, mask=col_ok[:, None] & d_ok[None, :])
 
 
-def _on_device(t: Tensor):
+def on_device(t: Tensor):
     """Launch on t's GPU, not on whichever is current (no-op on CPU under the interpreter)."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
@@ -231,10 +231,11 @@ def _num_splits(n: int, v: int, device: torch.device) -> int:
 
 
 def _prepare_launch(
-    hidden: Tensor, weight: Tensor, targets: Tensor, *, ignore_index: int
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Checks and layouts both launchers share: hidden [N, D], weight [V, D], targets [N] -> (hidden and
-    weight with unit stride along D, keep [N] bool, targets [N] contiguous with -1 at ignored rows)."""
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, *, ignore_index: int
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor]:
+    """Checks and layouts both launchers share: hidden [N, D], weight [V, D], bias [V] or None, targets [N]
+    -> (hidden and weight with unit stride along D, bias contiguous (the kernels index it by column),
+    keep [N] bool, targets [N] contiguous with -1 at ignored rows)."""
     if hidden.dtype == torch.float64:
         raise ValueError("impl='triton' does not take float64 inputs; use impl='chunked' or 'reference'")
     if INTERPRET and hidden.dtype == torch.bfloat16:
@@ -250,8 +251,9 @@ def _prepare_launch(
         )
     hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+    bias = None if bias is None else bias.contiguous()
     keep = targets != ignore_index
-    return hidden, weight, keep, torch.where(keep, targets, -1).contiguous()
+    return hidden, weight, bias, keep, torch.where(keep, targets, -1).contiguous()
 
 
 def triton_logprobs_forward(
@@ -267,7 +269,9 @@ def triton_logprobs_forward(
 ) -> tuple[Tensor, Tensor | None, Tensor]:
     """hidden [N, D], weight [V, D], targets [N], bias [V] or None -> (logp [N], entropy [N] or None, lse [N]),
     fp32; ignored rows give logp = entropy = 0. n_split overrides the number of vocab splits (tests)."""
-    hidden, weight, keep, tgt = _prepare_launch(hidden, weight, targets, ignore_index=ignore_index)
+    hidden, weight, bias, keep, tgt = _prepare_launch(
+        hidden, weight, bias, targets, ignore_index=ignore_index
+    )
     n, dim = hidden.shape
     v = weight.shape[0]
     splits = n_split or _num_splits(n, v, hidden.device)
@@ -276,7 +280,7 @@ def triton_logprobs_forward(
     a = torch.empty(splits, n, **f32) if need_entropy else s
     if n > 0:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), splits)
-        with _on_device(hidden):
+        with on_device(hidden):
             _logprobs_fwd_kernel[grid](
                 hidden, weight, hidden if bias is None else bias, tgt, m, s, a, zt,
                 n, v, dim, hidden.stride(0), weight.stride(0), float(temperature), splits,
@@ -316,7 +320,9 @@ def triton_logprobs_backward(
     dh accumulates in fp32 [N, D] (the gradient itself when hidden is fp32); the vocab is processed in
     chunks of `v_chunk` rows of W, each with an fp32 [v_chunk, D] dW accumulator copied into grad_weight
     afterwards (none when weight is fp32), so the scratch stays O(N D + v_chunk D), never O(V D) or O(N V)."""
-    hidden, weight, keep, tgt = _prepare_launch(hidden, weight, targets, ignore_index=ignore_index)
+    hidden, weight, bias, keep, tgt = _prepare_launch(
+        hidden, weight, bias, targets, ignore_index=ignore_index
+    )
     if grad_entropy is not None and entropy is None:
         raise ValueError("grad_entropy was given but entropy is None: the forward must compute entropy")
     if v_chunk < 1:
@@ -331,20 +337,23 @@ def triton_logprobs_backward(
     ent = entropy.float().contiguous() if has_ge else g
     lse = lse.float().contiguous()
     f32 = dict(dtype=torch.float32, device=hidden.device)
-    dh = torch.zeros(n, dim, **f32) if need_h else g
+    # Outputs that are not needed get their own dummy, never an input: autotuning zeroes DW and DB
+    # (reset_to_zero) before every timed run and before the real launch.
+    unused = torch.zeros(1, **f32)
+    dh = torch.zeros(n, dim, **f32) if need_h else unused
     grad_w = torch.zeros(v, dim, dtype=weight.dtype, device=weight.device) if need_w else None
     dw_scratch = None
     if need_w and weight.dtype != torch.float32:
         dw_scratch = torch.empty(min(v, v_chunk), dim, **f32)
-    db = torch.zeros(v, **f32) if need_b else g
+    db = torch.zeros(v, **f32) if need_b else unused
     if n > 0 and (need_h or need_w or need_b):
         for v0 in range(0, v, v_chunk):
             vc = min(v_chunk, v - v0)
-            dw = g
+            dw = unused
             if need_w:
                 dw = grad_w[v0 : v0 + vc] if dw_scratch is None else dw_scratch[:vc].zero_()
             grid = lambda meta, vc=vc: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(vc, meta["BLOCK_V"]),)
-            with _on_device(hidden):
+            with on_device(hidden):
                 _logprobs_bwd_kernel[grid](
                     hidden, weight[v0 : v0 + vc], hidden if bias is None else bias[v0 : v0 + vc], tgt - v0,
                     lse, g, e, ent, dh, dw, db[v0 : v0 + vc] if need_b else db,

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from fastprime.kernels.dispatch import check_per_token, flat_constant, flatten_head_inputs
 from fastprime.kernels.linear_logprobs import LinearHeadLossFunction
+from fastprime.kernels.linear_logprobs_triton import on_device
 from fastprime.kernels.reference import compute_dtype, linear_logprobs_reference
 
 LOG_RATIO_CLAMP = 20.0
@@ -130,13 +131,14 @@ def ppo_epilogue(
         outs = [torch.empty(N, dtype=torch.float32, device=logp.device) for _ in range(5)]
         code = torch.empty(N, dtype=torch.int8, device=logp.device)
         BLOCK = 1024
-        _ppo_epilogue_kernel[(triton.cdiv(N, BLOCK),)](
-            logp, entropy if has_ent else logp, old_logp, advantages, w,
-            ref_logp if ref_logp is not None else logp, targets, *outs, code,
-            N, opts.ignore_index, opts.clip_low, opts.clip_high, opts.dual_clip or 0.0, opts.kl_coef,
-            opts.entropy_coef, HAS_REF=ref_logp is not None, HAS_DUAL=opts.dual_clip is not None,
-            HAS_ENT=has_ent, BLOCK=BLOCK,
-        )  # fmt: skip
+        with on_device(logp):
+            _ppo_epilogue_kernel[(triton.cdiv(N, BLOCK),)](
+                logp, entropy if has_ent else logp, old_logp, advantages, w,
+                ref_logp if ref_logp is not None else logp, targets, *outs, code,
+                N, opts.ignore_index, opts.clip_low, opts.clip_high, opts.dual_clip or 0.0, opts.kl_coef,
+                opts.entropy_coef, HAS_REF=ref_logp is not None, HAS_DUAL=opts.dual_clip is not None,
+                HAS_ENT=has_ent, BLOCK=BLOCK,
+            )  # fmt: skip
         return (*outs, code)
 
     valid = targets != opts.ignore_index

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from fastprime.kernels.dispatch import check_per_token, flat_constant, flatten_head_inputs
 from fastprime.kernels.linear_logprobs import LinearHeadLossFunction
+from fastprime.kernels.linear_logprobs_triton import on_device
 from fastprime.kernels.reference import compute_dtype, linear_logprobs_reference
 
 
@@ -86,13 +87,13 @@ def prm_epilogue(
     if impl == "triton":
         BLOCK = 1024
         grid = (triton.cdiv(N, BLOCK),)
-        q = torch.empty_like(logp)
-        _prm_scores_kernel[grid](
-            logp, ref_logp, targets, seq_ids, q, score, count, N, ignore_index, BLOCK=BLOCK
-        )
-        loss, dscore = _bce_and_grad(score, count, labels, beta, num_seqs)
-        g = torch.empty_like(logp)
-        _prm_grad_kernel[grid](targets, seq_ids, dscore, g, N, ignore_index, BLOCK=BLOCK)
+        q, g = torch.empty_like(logp), torch.empty_like(logp)
+        with on_device(logp):
+            _prm_scores_kernel[grid](
+                logp, ref_logp, targets, seq_ids, q, score, count, N, ignore_index, BLOCK=BLOCK
+            )
+            loss, dscore = _bce_and_grad(score, count, labels, beta, num_seqs)
+            _prm_grad_kernel[grid](targets, seq_ids, dscore, g, N, ignore_index, BLOCK=BLOCK)
         return loss, q, g
     member = (targets != ignore_index) & (seq_ids >= 0)
     seq = torch.where(member, seq_ids, 0)

@@ -7,6 +7,7 @@ TRITON_INTERPRET=1 on a CPU (set by tests/conftest.py), natively on CUDA.
 
 import pytest
 import torch
+import triton
 
 from fastprime.kernels import linear_logprobs, logprobs_backward, logprobs_forward, resolve_impl
 from fastprime.kernels.linear_logprobs_triton import triton_logprobs_backward, triton_logprobs_forward
@@ -157,6 +158,53 @@ def test_int32_targets_and_strided_hidden(impl):
     hidden = wide[:, ::2]
     logp = linear_logprobs(hidden, weight, targets.int(), bias=bias, impl=impl)
     assert_close(f"{impl} logp", logp, fp64_oracle(hidden, weight, targets, bias, 1.0)[0], 2e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_strided_weight_and_bias(impl):
+    """A weight with a row stride > D and a bias that is every other element of a wider tensor (the kernels
+    index bias by column, so it must be made contiguous first); values and the bias gradient."""
+    hidden, wide_w, _, targets = make_inputs(9, 32, 1000, seed=18)
+    hidden, weight = hidden[:, :16].contiguous(), wide_w[:, :16]
+    wide_b = torch.randn(1000, 2, generator=torch.Generator().manual_seed(3)).to(DEVICE).requires_grad_()
+    logp = linear_logprobs(hidden, weight, targets, bias=wide_b[:, 0], temperature=0.8, impl=impl)
+    b64 = wide_b.detach()[:, 0].double().requires_grad_()
+    want = fp64_oracle(hidden, weight, targets, b64, 0.8)[0]
+    assert_close(f"{impl} logp", logp, want, TOL[torch.float32]["value"])
+    (grad_b,) = torch.autograd.grad(logp.sum(), wide_b)
+    (want_b,) = torch.autograd.grad(want.sum(), b64)
+    assert_close(f"{impl} d bias", grad_b[:, 0], want_b, TOL[torch.float32]["grad"])
+
+
+def test_triton_backward_survives_autotuning(monkeypatch):
+    """On a GPU the backward kernel has several configs: the autotuner runs each one, zeroing its reset_to_zero
+    arguments (DW, DB) before every run and once more before the real launch. Here two configs are forced and
+    each is "timed" by one plain call, so the interpreter goes through the same hooks; without a bias and
+    without a weight gradient, DB and DW must not alias an input such as the upstream gradients."""
+    from fastprime.kernels import linear_logprobs_triton as lt
+
+    kernel = lt._logprobs_bwd_kernel
+    first = kernel.configs[0]
+    configs = [first, triton.Config({**first.kwargs, "BLOCK_N": 2 * first.kwargs["BLOCK_N"]})]
+    monkeypatch.setattr(kernel, "configs", configs)
+    monkeypatch.setattr(kernel, "cache", {})
+    monkeypatch.delitem(kernel.__dict__, "do_bench", raising=False)
+
+    def bench_once(kernel_call, quantiles):
+        kernel_call()
+        return [1.0, 1.0, 1.0]
+
+    monkeypatch.setattr(kernel, "_do_bench", bench_once)
+    hidden, weight, _, targets = make_inputs(20, 16, 1000, seed=19)
+    check_against_oracle(
+        "triton", hidden, weight, None, targets, temperature=1.0, dtype=torch.float32, use_bias=False
+    )
+    assert len(kernel.cache) == 1, "the autotuner did not run"
+    h = hidden.clone().requires_grad_()
+    (grad_h,) = torch.autograd.grad(linear_logprobs(h, weight, targets, impl="triton").sum(), h)
+    h64 = hidden.double().requires_grad_()
+    (want,) = torch.autograd.grad(fp64_oracle(h64, weight, targets, None, 1.0)[0].sum(), h64)
+    assert_close("triton d hidden (weight frozen)", grad_h, want, TOL[torch.float32]["grad"])
 
 
 @pytest.mark.parametrize("impl", IMPLS)
