@@ -14,6 +14,7 @@ passes split the sequences across ranks (balanced by tokens).
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import pathlib
 import random
@@ -298,12 +299,8 @@ def train(cfg: Config, d: Dist) -> dict:
     use_prm = cfg.algorithm.process_coef != 0
     use_ref = use_prm or cfg.policy.kl_coef > 0
     pool = VerifierPool(workers=cfg.verifier.workers, timeout_s=cfg.verifier.timeout_s)
-    log = MetricsLogger(
-        run_dir, enabled=rank == 0, total=cfg.train.iterations, progress=cfg.run.progress,
-        tensorboard=cfg.run.tensorboard, wandb=cfg.run.wandb, wandb_project=cfg.run.wandb_project,
-        config=config_to_dict(cfg),
-    )  # fmt: skip
-    log.write(f"run folder: {run_dir}  (world size {d.world}, device {device})")
+    say = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None)
+    say(f"run folder: {run_dir}  (world size {d.world}, device {device})")
 
     # Warm start (demo): the result is the SFT checkpoint that policy, PRM and reference all start from.
     warm = None
@@ -311,11 +308,11 @@ def train(cfg: Config, d: Dist) -> dict:
         from fastprime.trainer.warmstart import warm_start
 
         if rank == 0:
-            log.write("warm start: supervised training on worked solutions ...")
+            say("warm start: supervised training on worked solutions ...")
             lm.to(device)
             warm = warm_start(lm, tok, warm_rows, eval_rows, config=cfg.warmstart, verifier=pool)
             lm.cpu()
-            log.write(
+            say(
                 f"warm start: {warm.steps} steps in {warm.seconds:.0f} s, held-out greedy accuracy {warm.acc:.1%}"
             )
         broadcast_weights(lm, device)
@@ -386,13 +383,14 @@ def train(cfg: Config, d: Dist) -> dict:
         buffer.load_state_dict(trainer_state["buffer"])
         state.update(trainer_state["state"])
         engine.sync_weights(full_state_dict(policy))
-        log = MetricsLogger(
-            run_dir, enabled=rank == 0, total=cfg.train.iterations, initial=state["step"], progress=cfg.run.progress,
-            tensorboard=cfg.run.tensorboard, wandb=cfg.run.wandb, wandb_project=cfg.run.wandb_project,
-            config=config_to_dict(cfg), truncate_after=state["step"],
-        )  # fmt: skip
-        log.write(f"resumed from {resume_from} at iteration {state['step']}")
-    else:
+        say(f"resumed from {resume_from} at iteration {state['step']}")
+    # On resume, lines after the checkpoint's step are dropped (they are recomputed); a fresh run starts empty.
+    log = MetricsLogger(
+        run_dir, enabled=rank == 0, total=cfg.train.iterations, initial=state["step"], progress=cfg.run.progress,
+        tensorboard=cfg.run.tensorboard, wandb=cfg.run.wandb, wandb_project=cfg.run.wandb_project,
+        config=config_to_dict(cfg), truncate_after=state["step"] if resume_from is not None else -1,
+    )  # fmt: skip
+    if resume_from is None:
         t0 = time.perf_counter()
         acc0 = evaluate()
         state["initial_eval"] = acc0
@@ -572,6 +570,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     rank, world, device = init_distributed()
+    # Progress messages of the pieces (warm start, verifiers) on rank 0's console.
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
     d = Dist(rank=rank, world=world, device=device, token_budget=cfg.train.micro_batch_tokens)
     try:
         train(cfg, d)

@@ -171,12 +171,20 @@ def test_cli_malformed_row_names_file_and_row(tmp_path):
             ["prm/loss", "returns/process_mean"],
         ),
         (
-            ["--policy.loss-agg", "token-mean", "--policy.kl-coef", "0.1", "--policy.dual-clip", "3.0"],
+            [
+                "--policy.loss-agg",
+                "token-mean",
+                "--policy.kl-coef",
+                "0.1",
+                "--policy.dual-clip",
+                "3.0",
+                "--model.activation-checkpointing",
+            ],
             ["policy/kl_ref"],
             [],
         ),
     ],
-    ids=["prm-before", "frozen-prm-grpo", "outcome-only-reinforce", "token-mean-kl-dual-clip"],
+    ids=["prm-before", "frozen-prm-grpo", "outcome-only-reinforce", "token-mean-kl-dual-clip-act-ckpt"],
 )
 def test_variants_run_one_iteration(tmp_path, flags, present, absent):
     run = _run(
