@@ -385,11 +385,14 @@ def train(cfg: Config, d: Dist) -> dict:
         engine.sync_weights(full_state_dict(policy))
         say(f"resumed from {resume_from} at iteration {state['step']}")
     # On resume, lines after the checkpoint's step are dropped (they are recomputed); a fresh run starts empty.
-    log = MetricsLogger(
-        run_dir, enabled=rank == 0, total=cfg.train.iterations, initial=state["step"], progress=cfg.run.progress,
-        tensorboard=cfg.run.tensorboard, wandb=cfg.run.wandb, wandb_project=cfg.run.wandb_project,
-        config=config_to_dict(cfg), truncate_after=state["step"] if resume_from is not None else -1,
-    )  # fmt: skip
+    try:
+        log = MetricsLogger(
+            run_dir, enabled=rank == 0, total=cfg.train.iterations, initial=state["step"], progress=cfg.run.progress,
+            tensorboard=cfg.run.tensorboard, wandb=cfg.run.wandb, wandb_project=cfg.run.wandb_project,
+            config=config_to_dict(cfg), truncate_after=state["step"] if resume_from is not None else -1,
+        )  # fmt: skip
+    except ValueError as e:  # a tracking package that is not installed
+        raise SetupError(str(e)) from None
     if resume_from is None:
         t0 = time.perf_counter()
         acc0 = evaluate()

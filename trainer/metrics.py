@@ -59,20 +59,25 @@ class MetricsLogger:
             return
         if truncate_after is not None:
             self._truncate(truncate_after)
-        if progress:
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ValueError(
+                    "run.tensorboard needs the tensorboard package: pip install -e '.[tracking]'"
+                ) from None
+            self.tb = SummaryWriter(str(pathlib.Path(run_dir) / "tb"))
+        if wandb:
+            try:
+                import wandb as wb
+            except ImportError:
+                raise ValueError("run.wandb needs the wandb package: pip install -e '.[tracking]'") from None
+            name = pathlib.Path(run_dir).name
+            self.wandb = wb.init(project=wandb_project, name=name, config=config, resume="allow")
+        if progress:  # last, so that a failing sink leaves no progress bar behind
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, initial=initial, desc="PRIME", unit="it", dynamic_ncols=True)
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(pathlib.Path(run_dir) / "tb"))
-        if wandb:
-            import wandb as wb
-
-            self.wandb = wb.init(
-                project=wandb_project, name=pathlib.Path(run_dir).name, config=config, resume="allow"
-            )
 
     def _truncate(self, step: int) -> None:
         """On resume, drop lines written after the checkpoint's step so the file has each step once."""

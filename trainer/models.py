@@ -94,7 +94,12 @@ def shard_model(
     A frozen model (the reference) gets requires_grad=False and eval mode."""
     lm.config.use_cache = False
     if activation_checkpointing and trainable:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5 renamed gradient_checkpointing_enable (deprecated, removed in v6)
+        enable = getattr(lm, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lm.to(device)
     if not trainable:
         lm.requires_grad_(False)

@@ -204,3 +204,26 @@ def test_variants_run_one_iteration(tmp_path, flags, present, absent):
         k for k in present if k not in rec
     ]  # null when undefined (no pairs)
     assert all(k not in rec for k in absent), [k for k in absent if k in rec]
+
+
+def test_local_model_folder_and_verl_parquet(tmp_path):
+    """A real run's inputs: an HF model folder (from_pretrained) and PRIME/verl Parquet + JSONL data files."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from fastprime.trainer.demo import make_arithmetic_rows
+
+    tok = build_tokenizer()
+    build_tiny_model(tok, seed=0).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    pq.write_table(pa.Table.from_pylist(make_arithmetic_rows(16, seed=0)), tmp_path / "train.parquet")
+    held_out = tmp_path / "eval.jsonl"
+    held_out.write_text("".join(json.dumps(r) + "\n" for r in make_arithmetic_rows(4, seed=0, split="test")))
+    run = _run(
+        tmp_path, "local", "--model.source", "path", "--model.path", str(tmp_path / "model"), "--data.source", "file",
+        "--data.train-path", str(tmp_path / "train.parquet"), "--data.eval-path", str(held_out), "--train.iterations", "1",
+    )  # fmt: skip
+    records = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in records] == [0, 1]
+    assert records[0]["eval/acc"] is not None and records[1]["eval/acc"] is not None
+    assert records[1]["rollout/responses"] == 16 and records[1]["policy/loss"] is not None
