@@ -19,6 +19,7 @@ import collections
 import contextlib
 import logging
 import os
+import pickle
 import subprocess
 import sys
 import time
@@ -32,6 +33,8 @@ log = logging.getLogger(__name__)
 STARTUP_TIMEOUT_S = 120.0  # importing sympy on a loaded machine can take a while
 MAX_STARTUP_FAILURES = 3
 CODE_TEST_OVERHEAD_S = 1.5  # interpreter start and sandbox set-up, per test
+PIPELINE_DEPTH = 2
+PIPELINE_MAX_BYTES = 32 * 1024  # half the usual 64 KiB pipe buffer
 
 
 class VerifyResult(NamedTuple):
@@ -58,7 +61,8 @@ class _Worker:
         self.recv_conn = Connection(from_child_r, writable=False)
         self.ready = False
         self.started = time.monotonic()
-        self.task: tuple[int, float] | None = None  # (item index, deadline)
+        self.queue: collections.deque[tuple[int, str, float]] = collections.deque()  # (index, ability, limit)
+        self.deadline = 0.0  # for the task at the head of the queue, the one the worker is running
 
     def kill(self) -> None:
         from fastprime.trainer.rewards.code_sandbox import cleanup_sandboxes_of
@@ -159,28 +163,36 @@ class VerifierPool:
         # Longest first: code items bound the batch's wall time.
         todo = collections.deque(sorted(todo, key=lambda t: -t[2]))
         startup_failures = 0
-        while todo or any(w.task for w in self._workers):
+        while todo or any(w.queue for w in self._workers):
             now = time.monotonic()
             for w in self._workers:
-                if w.ready and w.task is None and todo:
-                    idx, ability, limit = todo.popleft()
-                    item = items[idx]
+                # Two tasks in flight per worker: it starts the next one without waiting for this loop.
+                while w.ready and len(w.queue) < PIPELINE_DEPTH and todo:
+                    task = todo.popleft()
+                    item = items[task[0]]
+                    msg = (
+                        "task",
+                        task[0],
+                        task[1],
+                        item["response"],
+                        item["ground_truth"],
+                        self.code_test_timeout_s,
+                    )
+                    data = pickle.dumps(msg)
+                    if w.queue and len(data) > PIPELINE_MAX_BYTES:
+                        # A queued message waits in the pipe while the worker is busy; more than the pipe
+                        # holds would block this loop (and with it every time limit). Send it when idle.
+                        todo.appendleft(task)
+                        break
                     try:
-                        w.send_conn.send(
-                            (
-                                "task",
-                                idx,
-                                ability,
-                                item["response"],
-                                item["ground_truth"],
-                                self.code_test_timeout_s,
-                            )
-                        )
+                        w.send_conn.send_bytes(data)
                     except (OSError, ValueError):
-                        todo.appendleft((idx, ability, limit))
-                        continue
-                    w.task = (idx, now + limit)
-            deadlines = [w.task[1] for w in self._workers if w.task]
+                        todo.appendleft(task)
+                        break
+                    w.queue.append(task)
+                    if len(w.queue) == 1:
+                        w.deadline = now + task[2]
+            deadlines = [w.deadline for w in self._workers if w.queue]
             deadlines += [w.started + STARTUP_TIMEOUT_S for w in self._workers if not w.ready]
             wait_s = max(0.0, min(deadlines) - now) if deadlines else 0.05
             ready = wait([w.recv_conn for w in self._workers], timeout=min(wait_s, 1.0))
@@ -190,26 +202,32 @@ class VerifierPool:
                 try:
                     msg = w.recv_conn.recv()
                 except (EOFError, OSError):
-                    if w.task:
+                    if w.queue:
                         failures["crash"] += 1
-                        log.warning("verifier: worker %d died on item %d", w.proc.pid, w.task[0])
+                        log.warning("verifier: worker %d died on item %d", w.proc.pid, w.queue[0][0])
+                        w.queue.popleft()
                     elif not w.ready:
                         startup_failures += 1
+                    todo.extendleft(reversed(w.queue))  # queued behind the lost item: not started yet
                     self._replace(i)
                     continue
                 if msg[0] == "ready":
                     w.ready = True
                     startup_failures = 0
-                elif msg[0] == "result" and w.task and msg[1] == w.task[0]:
+                elif msg[0] == "result" and w.queue and msg[1] == w.queue[0][0]:
                     scores[msg[1]] = min(1.0, max(0.0, msg[2]))
                     if msg[3]:
                         failures[msg[3]] += 1
-                    w.task = None
+                    w.queue.popleft()
+                    if w.queue:
+                        w.deadline = time.monotonic() + w.queue[0][2]
             now = time.monotonic()
             for i, w in enumerate(list(self._workers)):
-                if w.task and now > w.task[1]:
+                if w.queue and now > w.deadline:
                     failures["timeout"] += 1
-                    log.info("verifier: item %d timed out; replacing worker %d", w.task[0], w.proc.pid)
+                    log.info("verifier: item %d timed out; replacing worker %d", w.queue[0][0], w.proc.pid)
+                    w.queue.popleft()
+                    todo.extendleft(reversed(w.queue))
                     self._replace(i)
                 elif not w.ready and now > w.started + STARTUP_TIMEOUT_S:
                     startup_failures += 1
