@@ -109,6 +109,14 @@ def load_tokenizer_and_model(cfg: Config):
     return tok, lm
 
 
+def eos_token_ids(tok, lm) -> list[int]:
+    """The tokenizer's EOS plus any the model's generation config lists (chat models often have two)."""
+    ids = [tok.eos_token_id]
+    extra = getattr(getattr(lm, "generation_config", None), "eos_token_id", None)
+    ids += extra if isinstance(extra, list) else [extra] if extra is not None else []
+    return sorted(set(ids))
+
+
 def eval_row(p: Prompt) -> dict:
     return {"prompt": p.messages, "ability": p.ability, "reward_model": {"ground_truth": p.ground_truth}}
 
@@ -318,7 +326,7 @@ def train(cfg: Config, d: Dist) -> dict:
         broadcast_weights(lm, device)
 
     engine = HFRolloutEngine(
-        lm, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, temperature=cfg.rollout.temperature,
+        lm, eos_token_ids=eos_token_ids(tok, lm), pad_token_id=tok.pad_token_id, temperature=cfg.rollout.temperature,
         top_p=cfg.rollout.top_p, max_new_tokens=cfg.rollout.max_new_tokens,
         prompts_per_generate=cfg.rollout.prompts_per_generate, device=device,
     )  # fmt: skip

@@ -34,13 +34,15 @@ class RolloutEngine(Protocol):
 
 
 class HFRolloutEngine:
-    """transformers `generate` on an unsharded copy of the policy (temperature, top_p, no top_k, stop at EOS)."""
+    """transformers `generate` on an unsharded copy of the policy (temperature, top_p, no top_k, stop at EOS).
+
+    eos_token_ids: every id that ends a response (e.g. Qwen's <|im_end|> and <|endoftext|>)."""
 
     def __init__(
         self,
         model: nn.Module,
         *,
-        eos_token_id: int,
+        eos_token_ids: list[int],
         pad_token_id: int,
         temperature: float = 1.0,
         top_p: float = 1.0,
@@ -50,7 +52,9 @@ class HFRolloutEngine:
     ) -> None:
         self.model = copy.deepcopy(model).to(device).eval()
         self.model.requires_grad_(False)
-        self.eos, self.pad = eos_token_id, pad_token_id
+        if not eos_token_ids:
+            raise ValueError("the rollout engine needs at least one EOS token id to stop generation")
+        self.eos, self.pad = list(eos_token_ids), pad_token_id
         self.temperature, self.top_p = temperature, top_p
         self.max_new_tokens, self.chunk = max_new_tokens, prompts_per_generate
         self.device = torch.device(device)
@@ -96,8 +100,9 @@ class HFRolloutEngine:
         )
         rollouts = []
         for row in seqs[:, width:].tolist():
-            if self.eos in row:
-                rollouts.append(Rollout(row[: row.index(self.eos) + 1], truncated=False))
+            stop = next((t for t, tok in enumerate(row) if tok in self.eos), None)
+            if stop is not None:
+                rollouts.append(Rollout(row[: stop + 1], truncated=False))
             else:
                 rollouts.append(Rollout(row[: self.max_new_tokens], truncated=True))
         return rollouts

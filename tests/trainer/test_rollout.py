@@ -1,0 +1,58 @@
+"""The hf rollout engine: K samples per prompt, stop at EOS, truncation flag, seeded, weight sync."""
+
+import pytest
+import torch
+
+from fastprime.trainer.demo import build_tiny_model, build_tokenizer
+from fastprime.trainer.rollout import HFRolloutEngine
+
+
+@pytest.fixture(scope="module")
+def setup():
+    tok = build_tokenizer()
+    return tok, build_tiny_model(tok, seed=0)
+
+
+def _engine(tok, lm, **kw):
+    return HFRolloutEngine(
+        lm, eos_token_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id, max_new_tokens=8, **kw
+    )
+
+
+def test_samples_grouped_stop_at_eos_and_are_seeded(setup):
+    tok, lm = setup
+    # A zero final norm makes every logit 0: each token, EOS included, has probability 1/V, so responses
+    # both stop at EOS and run into the 8-token limit.
+    lm = build_tiny_model(tok, seed=0)
+    with torch.no_grad():
+        lm.model.norm.weight.zero_()
+    eng = _engine(tok, lm, temperature=1.0)
+    prompts = [tok("<|user|>1+2=<|assistant|>")["input_ids"], tok("<|user|>3=<|assistant|>")["input_ids"]]
+    out = eng.generate(prompts, n=3, seed=5)
+    assert len(out) == 6
+    assert {r.truncated for r in out} == {True, False}, "the seed should give both outcomes"
+    for r in out:
+        assert 1 <= len(r.response_ids) <= 8
+        assert tok.pad_token_id not in r.response_ids
+        if r.truncated:
+            assert len(r.response_ids) == 8 and tok.eos_token_id not in r.response_ids
+        else:
+            assert r.response_ids[-1] == tok.eos_token_id and tok.eos_token_id not in r.response_ids[:-1]
+    again = eng.generate(prompts, n=3, seed=5)
+    assert [r.response_ids for r in again] == [r.response_ids for r in out]
+    other = eng.generate(prompts, n=3, seed=6)
+    assert [r.response_ids for r in other] != [r.response_ids for r in out]
+
+
+def test_weight_sync_changes_generation_and_rejects_wrong_keys(setup):
+    tok, lm = setup
+    eng = _engine(tok, lm, temperature=1e-4)  # near greedy
+    prompts = [tok("<|user|>7-2=<|assistant|>")["input_ids"]]
+    before = eng.generate(prompts, n=1, seed=0)[0].response_ids
+    new = build_tiny_model(tok, seed=1).state_dict()
+    new.pop("lm_head.weight")  # tied: a sharded state dict stores it once
+    eng.sync_weights(new)
+    assert torch.equal(eng.model.lm_head.weight, new["model.embed_tokens.weight"])
+    assert eng.generate(prompts, n=1, seed=0)[0].response_ids != before
+    with pytest.raises(ValueError, match="missing"):
+        eng.sync_weights({k: v for k, v in new.items() if "layers.0." not in k})
