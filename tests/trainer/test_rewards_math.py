@@ -118,6 +118,12 @@ PROBES = [
     ("2", r"\boxed{2 \text{ or possibly } 3}", 0),
     ("2", r"\boxed{2 \text{, maybe}}", 0),
     ("C", r"\boxed{C \text{ or } D}", 0),
+    ("2", r"\boxed{2}, or maybe 3.", 0),  # a hedge right after the box
+    ("2", r"\boxed{2}, but it might be 3", 0),
+    ("2", r"\boxed{2} or $3$", 0),
+    ("5", r"\boxed{5}, which is more than 3 or 4.", 1),  # "or" in a later clause is not a hedge
+    ("2", r"\boxed{2}. Or equivalently $\frac{4}{2}$.", 1),  # candidates that agree are one answer
+    ("0.5", r"\boxed{\frac12} so \boxed{0.5}", 1),
     ("3", "I think it is 2, but it could be 3.", 0),  # unboxed prose hedges
     ("3", "It is $2$ or maybe $3$", 0),
     ("3", "The result: 2. Or perhaps 3.", 0),

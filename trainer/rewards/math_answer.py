@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 import unicodedata
 
-__all__ = ["boxed_contents", "extract_answer", "extract_choice", "choice_letter"]
+__all__ = ["boxed_contents", "extract_answer", "extract_answer_parts", "extract_choice", "choice_letter"]
 
 # A response longer than this is cut to its tail before the regex fallbacks: the answer is at the end, and the
 # math-verify regexes are super-linear on long inputs.
@@ -32,6 +32,9 @@ _ANSWER_WORDS = {"and", "or", "pct", "percent", "percentage", "cm", "mm", "km", 
 _ANSWER_PHRASE_RE = re.compile(r"(?i)answer(?:\s+is)?\s*:?\s*([^\n]{1,100}?)(?:\.\s|\.$|\n|$)")
 _HEDGE_WORD_RE = re.compile(r"(?i)(?<![a-z\\])(or|either|maybe|possibly|perhaps|probably)(?![a-z])")
 _HEDGE_PROSE_RE = re.compile(r"(?i)\b(?:or|either|maybe|possibly|perhaps|probably|could be|might be)\b")
+_STRONG_HEDGE_RE = re.compile(
+    r"(?i)\b(?:either|maybe|possibly|perhaps|probably|could be|might be|alternatively)\b"
+)
 _SENTENCE_SPLIT_RE = re.compile(r"(?<=[.!?])\s+|\n+")
 _NUMBER_RE = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?![\w.]*\d)")
 _UPRIGHT_LETTER_RE = re.compile(r"\\(?:mathrm|rm|mathit|mathnormal)\s*\{\s*([a-zA-Z])\s*\}")
@@ -48,8 +51,14 @@ def boxed_contents(text: str) -> list[str]:
     Braces are matched by a counting scan (no recursion), so arbitrarily deep nesting costs linear time.
     `\\boxed 5` (no brace) yields the next token, as LaTeX does.
     """
+    return [content for content, _ in _boxed_spans(text)]
+
+
+def _boxed_spans(text: str) -> list[tuple[str, int]]:
+    """(content, end offset) of every box; see `boxed_contents`."""
     out = []
     pos = 0
+    n = len(text)
     while True:
         m = _BOX_RE.search(text, pos)
         if m is None:
@@ -57,11 +66,10 @@ def boxed_contents(text: str) -> list[str]:
         if m.group(1) is None:
             tok = re.match(r"\s*([^\s$\\{}]+)", text[m.end() :])
             if tok:
-                out.append(tok.group(1))
+                out.append((tok.group(1), m.end() + tok.end()))
             pos = m.end()
             continue
         depth, i = 1, m.end()
-        n = len(text)
         while i < n and depth:
             c = text[i]
             if c == "\\" and i + 1 < n:
@@ -74,7 +82,7 @@ def boxed_contents(text: str) -> list[str]:
             i += 1
         if depth:
             return out
-        out.append(text[m.end() : i - 1])
+        out.append((text[m.end() : i - 1], i))
         pos = i
 
 
@@ -159,8 +167,16 @@ def extract_choice(text: str) -> str | None:
 def extract_answer(text: str) -> str | None:
     """The final answer of a response (or of a gold solution) as a LaTeX string, or None if there is none.
 
-    `text` is the full model output; see the module docstring for the precedence.
+    `text` is the full model output; see the module docstring for the precedence. Several candidates
+    (different boxes, a hedge) come back joined as a list "a, b".
     """
+    parts = extract_answer_parts(text)
+    return ", ".join(parts) if parts else None
+
+
+def extract_answer_parts(text: str) -> list[str] | None:
+    """Like `extract_answer`, but the candidates separately: one string, or several when the response
+    boxes different answers or hedges right after its box ("\\boxed{2}, or maybe 3")."""
     if not isinstance(text, str):
         return None
     # NFKC folds full-width digits and letters; a unicode minus would hide a number's sign from the regexes.
@@ -170,15 +186,16 @@ def extract_answer(text: str) -> str | None:
     text = _UPRIGHT_LETTER_RE.sub(r"\1", text)
     if not text:
         return None
-    boxes = [b.strip() for b in boxed_contents(text)]
-    boxes = [b for b in boxes if b]
+    spans = _boxed_spans(text)
+    boxes = [b.strip() for b, _ in spans if b.strip()]
     if boxes:
+        after = text[spans[-1][1] :]
         # "Final answer: ... is $x$" written after the last box states the answer outright and wins.
-        after = text[text.rfind("}") + 1 :][-MAX_TAIL_CHARS:]
-        if _FINAL_ANSWER_RE.search(after):
-            stated = _math_verify_fallback(after)
-            if stated:
-                return _strip_end(stated)
+        if _FINAL_ANSWER_RE.search(after[-MAX_TAIL_CHARS:]):
+            stated = _math_verify_fallback(after[-MAX_TAIL_CHARS:])
+            if stated and _strip_end(stated):
+                return [_strip_end(stated)]
+        boxes += _hedge_after_box(after)
         distinct: list[str] = []
         seen = set()
         for b in boxes:
@@ -186,7 +203,24 @@ def extract_answer(text: str) -> str | None:
             if key not in seen:
                 seen.add(key)
                 distinct.append(b)
-        return _strip_end(distinct[0] if len(distinct) == 1 else ", ".join(distinct))
+        parts = [p for p in map(_strip_end, distinct) if p]
+        return parts or None
+    answer = _extract_unboxed(text)
+    return [answer] if answer else None
+
+
+def _hedge_after_box(after: str) -> list[str]:
+    """Candidates offered right after the last box, in the same sentence, with a hedging word."""
+    sentence = re.split(r"(?<=[.!?])\s+(?=[A-Z])|\n\s*\n", after[:300], maxsplit=1)[0]
+    maths = re.findall(r"\$([^$]+)\$|\\\((.+?)\\\)", sentence)
+    prose = re.sub(r"\$[^$]*\$|\\\(.*?\\\)", " ", sentence)
+    # "or" is too common to count anywhere ("5, which is more than 3 or 4"): only right after the box.
+    if not (_STRONG_HEDGE_RE.search(prose) or re.match(r"\s*[,;(]?\s*or\b", sentence, re.IGNORECASE)):
+        return []
+    return [a or b for a, b in maths] + _NUMBER_RE.findall(prose)
+
+
+def _extract_unboxed(text: str) -> str | None:
     if _is_bare_answer(text):
         return _plain_number(text)
     tail = text[-MAX_TAIL_CHARS:]

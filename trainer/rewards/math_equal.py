@@ -232,7 +232,7 @@ def score_math(response: str, ground_truth: str) -> tuple[float, str | None]:
     `ground_truth` may be a bare answer or a full solution with `\\boxed{}`; failure kinds: "malformed"
     (not strings), "no_answer" (nothing extractable in the response).
     """
-    from fastprime.trainer.rewards.math_answer import extract_answer, extract_choice
+    from fastprime.trainer.rewards.math_answer import extract_answer, extract_answer_parts, extract_choice
 
     if not isinstance(response, str) or not isinstance(ground_truth, str):
         return 0.0, "malformed"
@@ -244,7 +244,12 @@ def score_math(response: str, ground_truth: str) -> tuple[float, str | None]:
         if picked is None:
             return 0.0, "no_answer"
         return (1.0 if picked == choice_letter(gold) else 0.0), None
-    pred = extract_answer(response)
-    if pred is None:
+    parts = extract_answer_parts(response)
+    if not parts:
         return 0.0, "no_answer"
+    # Several candidates that all say the same thing ("\\boxed{1/2} ... \\boxed{0.5}") are one answer;
+    # different ones stay a list, which only a list gold can match.
+    if len(parts) > 1 and all(answers_equal(parts[-1], p) for p in parts[:-1]):
+        parts = parts[-1:]
+    pred = ", ".join(parts)
     return (1.0 if answers_equal(gold, pred) else 0.0), None
