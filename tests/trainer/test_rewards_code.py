@@ -15,8 +15,10 @@ import pytest
 from fastprime.trainer.rewards import VerifierPool
 from fastprime.trainer.rewards.code_sandbox import (
     SANDBOX_UID_BASE,
+    SandboxLimits,
     extract_code,
     parse_code_tests,
+    score_code,
     stdout_matches,
 )
 
@@ -75,6 +77,11 @@ def test_extract_code_takes_last_python_block():
     assert extract_code("print(4)") == "print(4)"  # a bare program (the PRIME cases are stored so)
     assert extract_code("```python\nunclosed") is None
     assert extract_code("") is None
+
+
+def test_missing_sandbox_interpreter_is_a_counted_error():
+    limits = SandboxLimits(python="/nonexistent/python3")
+    assert score_code("print(1)", {"inputs": [""], "outputs": ["1"]}, limits=limits) == (0.0, "error")
 
 
 def test_parse_code_tests_validates():

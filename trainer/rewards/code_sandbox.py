@@ -70,7 +70,7 @@ class CodeTests(NamedTuple):
 
 class TestRun(NamedTuple):
     passed: bool
-    status: str  # "pass", "wrong", "error", "timeout", "no_result"
+    status: str  # "pass", "wrong", "error", "timeout", "no_result", "sandbox_error"
 
 
 def extract_code(response: str) -> str | None:
@@ -313,8 +313,8 @@ def run_one_test(code: str, tests: CodeTests, index: int, *, limits: SandboxLimi
         ok = _judge_value(msg.get("value"), tests, inp, expected)
         return TestRun(ok, "pass" if ok else "wrong")
     except (OSError, ValueError) as e:
-        log.warning("code sandbox: run failed: %s", e)
-        return TestRun(False, "error")
+        log.warning("code sandbox: could not run a test: %s", e)
+        return TestRun(False, "sandbox_error")
     finally:
         shutil.rmtree(private, ignore_errors=True)
 
@@ -346,7 +346,8 @@ def score_code(
 ) -> tuple[float, str | None]:
     """Score one code response: (reward in [0, 1], failure kind or None).
 
-    Failure kinds: "malformed" (bad test spec), "no_answer" (no code block).
+    Failure kinds: "malformed" (bad test spec), "no_answer" (no code block), "error" (the sandbox could
+    not run a test at all, e.g. its interpreter is missing; logged).
     """
     try:
         tests = parse_code_tests(ground_truth)
@@ -359,4 +360,6 @@ def score_code(
     t0 = time.perf_counter()
     runs = run_code_tests(code, tests, limits=limits)
     log.debug("code verifier: %d tests in %.2fs", len(runs), time.perf_counter() - t0)
-    return sum(r.passed for r in runs) / len(runs), None
+    # The sandbox itself failing (no interpreter, no disk) is the verifier's failure, not the program's.
+    failure = "error" if any(r.status == "sandbox_error" for r in runs) else None
+    return sum(r.passed for r in runs) / len(runs), failure

@@ -8,7 +8,7 @@ with it. Every item gets a score; a time-out, crash or malformed item scores 0 a
   "timeout"   the answer exceeded its time limit (the worker was killed)
   "crash"     the worker died on its own (segfault, killed by the OS)
   "memory"    the worker ran out of its memory limit (MemoryError)
-  "error"     the verifier raised (a bug, logged with its traceback)
+  "error"     the verifier raised (a bug, logged with its traceback) or the code sandbox could not start
   "malformed" the item itself is bad (not a dict, unknown ability, wrong field types, bad test spec)
   "no_answer" nothing to grade in the response (no answer, no code block)
 """
