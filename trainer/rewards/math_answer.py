@@ -1,15 +1,19 @@
 """Final-answer extraction from a model's math response (and from a gold answer or gold solution).
 
-Order of precedence, applied to the response text:
+Order of precedence, applied to the response text (NFKC-folded first):
 1. every `\\boxed{...}` / `\\fbox{...}` (balanced braces, linear scan, any nesting depth). One distinct box is
-   the answer; several *different* boxes are all kept and joined into one list "a, b, c", so that a response
-   that boxes two candidates ("\\boxed{2} ... or maybe \\boxed{3}") is graded as the set {2, 3}: it matches a
-   gold that really is {2, 3} and never a gold of 2 alone.
+   the answer; several *different* boxes are all kept as candidates, and so is a hedge in the sentence right
+   after the last box ("\\boxed{2}, or maybe 3"). The grader reads the candidates as one list "a, b": it
+   matches a gold that really is {a, b} and never a gold of a alone (candidates that are equivalent to each
+   other, like `\\frac12` and `0.5`, count as one answer: see `math_equal.score_math`). A "Final answer: ..."
+   statement written after the last box wins over the boxes.
 2. a bare answer: short text with no LaTeX delimiters and no prose is taken whole (gold answers are mostly
-   like this: "\\frac{1}{2}", "(1,4.5]", "x=3").
-3. math-verify 0.9.0's anchored extraction ("final answer is $...$", "answer: ...", the last LaTeX environment,
-   the last number), with its plain-expression parser replaced by the LaTeX parser so that nothing a model
-   wrote is ever passed to Python's `eval` (sympy's `parse_expr` evals its input).
+   like this: "\\frac{1}{2}", "(1,4.5]", "x=3"), with plain-text digit grouping and decimal commas read.
+3. without a box: a multiple-choice letter after "answer is"; "the answer is 2 or 3" and prose ending in a
+   hedge between numbers ("it is 2, but it could be 3") become lists; otherwise math-verify 0.9.0's anchored
+   extraction ("final answer is $...$", "answer: ...", the last LaTeX environment, the last number), with its
+   plain-expression parser replaced by the LaTeX parser so that nothing a model wrote is ever passed to
+   Python's `eval` (sympy's `parse_expr` evals its input).
 The result is a LaTeX string; `math_equal` parses and compares it.
 """
 
