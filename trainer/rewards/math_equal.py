@@ -15,11 +15,12 @@ number of decimals and chops tiny values to zero, which accepts `1e-20` for `2e-
   but too few digits would reward vague approximations.
 - percent: `x%` is the value x/100, and the percent sign may also be dropped: with a percent sign on exactly
   one side, the numbers as written are compared too. So gold `28%` accepts `28%`, `28`, `0.28`; gold `28`
-  accepts `28` and `28%`; gold `0.28` accepts `28%` and `0.28`. Bare numbers are never rescaled: `0.28` and
-  `2800` do not match `28`, and `0.28%` does not match `28%`.
+  accepts `28` and `28%`; gold `0.28` accepts `0.28`, `28%` and (as written) `0.28%`. Bare numbers are
+  never rescaled: `0.28` and `2800` do not match `28`, and `0.28%` and `2800%` do not match `28%`.
 - hedges: a prediction that offers several candidates ("2 or 3", two different boxes, `\\pm 2`) is a set or
-  list and only matches a gold with the same elements; a prediction with a hedging word (or, either, maybe,
-  possibly, perhaps) is rejected outright unless the gold uses the same word.
+  list and only matches a gold with the same elements. On top of that, a prediction containing either,
+  maybe, possibly, perhaps or probably is rejected unless the gold has the same word, and one containing
+  "or" is rejected unless the gold is itself a list (has a comma, semicolon, and/or, \\pm or \\cup).
 - multiple choice: a gold that is a single letter A-E matches only a prediction that is the same letter.
 - a false numeric equation (`2 = 3`, `x = 2 = 3`) is wrong, whatever its last side is.
 """
@@ -34,7 +35,7 @@ from decimal import ROUND_HALF_EVEN, ROUND_HALF_UP, Decimal, InvalidOperation
 from fastprime.trainer.rewards.math_answer import choice_letter
 from fastprime.trainer.rewards.math_parse import parse_answer
 
-__all__ = ["answers_equal", "REL_TOL", "MIN_ROUNDED_SIG_DIGITS"]
+__all__ = ["answers_equal", "score_math", "REL_TOL", "MIN_ROUNDED_SIG_DIGITS"]
 
 REL_TOL = 1e-4
 MIN_ROUNDED_SIG_DIGITS = 3
