@@ -183,8 +183,10 @@ def broadcast_weights(lm: torch.nn.Module, device: torch.device) -> None:
 
 def rollout_round(
     engine, pool, prompts: list[Prompt], idx: list[int], *, k: int, seed: int, d: Dist, timer, tok
-) -> list[dict]:
-    """Sample k responses for each prompt in idx (split over ranks), verify them; every rank gets all groups."""
+) -> tuple[list[dict], dict[str, int]]:
+    """Sample k responses for each prompt in idx (split over ranks) and verify them.
+
+    Returns every rank the same (groups in idx order, verifier failure counts summed over ranks)."""
     mine = idx[d.rank :: d.world]
     with timer("rollout"):
         rollouts = engine.generate([prompts[i].prompt_ids for i in mine], n=k, seed=seed) if mine else []
@@ -217,10 +219,7 @@ def rollout_round(
             by_prompt[g["prompt"]] = g
         for kind, count in fails.items():
             total_failures[kind] = total_failures.get(kind, 0) + count
-    groups = [by_prompt[i] for i in idx]
-    for g in groups:
-        g["failures"] = total_failures
-    return groups
+    return [by_prompt[i] for i in idx], total_failures
 
 
 def collect_batch(
@@ -233,7 +232,7 @@ def collect_batch(
     all_acc, all_trunc, all_len, failures, rounds, seen, passed = [], [], [], {}, 0, 0, 0
     while len(groups) < B and rounds < f.max_rounds:
         rounds += 1
-        new = rollout_round(
+        new, new_failures = rollout_round(
             engine, pool, prompts, stream.take(B), k=k, seed=generation_seed(cfg.train.seed, step, rounds, d.rank),
             d=d, timer=timer, tok=tok,
         )  # fmt: skip
@@ -243,7 +242,7 @@ def collect_batch(
             all_acc.append(acc)
             all_trunc.append(trunc)
             all_len += [len(r) for g in new for r in g["responses"]]
-            for kind, c in new[0]["failures"].items():
+            for kind, c in new_failures.items():
                 failures[kind] = failures.get(kind, 0) + c
             if f.enabled:
                 keep = group_filter_mask(
@@ -251,18 +250,11 @@ def collect_batch(
                 )
             else:
                 keep = torch.ones(len(new), dtype=torch.bool)
-            ok = [
-                {kk: v for kk, v in g.items() if kk != "failures"} for g, kp in zip(new, keep.tolist()) if kp
-            ]
+            ok = [g for g, kp in zip(new, keep.tolist()) if kp]
             seen, passed = seen + len(new), passed + len(ok)
             need = B - len(groups)
             groups += ok[:need]
             buffer.add(ok[need:])
-    acc, trunc = torch.cat(all_acc), torch.cat(all_trunc)
-    lengths = torch.tensor(all_len, dtype=torch.float64)
-    record.update(
-        outcome_stats(acc, k=k)
-    )  # outcome/acc_mean: every rollout of the iteration, before filtering
     record.update(
         {
             "filter/pass_rate": passed / max(seen, 1),
@@ -270,15 +262,19 @@ def collect_batch(
             "filter/from_buffer": from_buffer,
             "filter/buffer_size": len(buffer),
             "filter/missing_groups": B - len(groups),
-            "rollout/responses": int(acc.numel()),
-            "rollout/tokens": int(lengths.sum()),
-            "response/length_mean": float(lengths.mean()),
-            "response/length_max": float(lengths.max()),
-            "response/truncation_rate": float(trunc.float().mean()),
+            "rollout/responses": len(all_len),
+            "rollout/tokens": sum(all_len),
             "verify/failures": sum(failures.values()),
             **{f"verify/failures_{kind}": c for kind, c in failures.items()},
         }
     )
+    if all_len:  # no rollout at all when the refill buffer alone filled the batch
+        acc, trunc = torch.cat(all_acc), torch.cat(all_trunc)
+        lengths = torch.tensor(all_len, dtype=torch.float64)
+        record.update(outcome_stats(acc, k=k))  # outcome/acc_mean: every rollout of the iteration, unfiltered
+        record["response/length_mean"] = float(lengths.mean())
+        record["response/length_max"] = float(lengths.max())
+        record["response/truncation_rate"] = float(trunc.float().mean())
     if len(groups) < B:
         record["filter/max_rounds_hit"] = 1
     return groups
@@ -292,6 +288,11 @@ def train(cfg: Config, d: Dist) -> dict:
     """Run (or resume) the configured training; returns the last metrics record."""
     from fastprime.trainer.rewards import VerifierPool
 
+    with VerifierPool(workers=cfg.verifier.workers, timeout_s=cfg.verifier.timeout_s) as pool:
+        return _train(cfg, d, pool)
+
+
+def _train(cfg: Config, d: Dist, pool) -> dict:
     rank, device, K = d.rank, d.device, cfg.rollout.n_samples
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
@@ -306,7 +307,6 @@ def train(cfg: Config, d: Dist) -> dict:
         save_config(cfg, run_dir / "config.yaml")
     use_prm = cfg.algorithm.process_coef != 0
     use_ref = use_prm or cfg.policy.kl_coef > 0
-    pool = VerifierPool(workers=cfg.verifier.workers, timeout_s=cfg.verifier.timeout_s)
     say = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None)
     say(f"run folder: {run_dir}  (world size {d.world}, device {device})")
 
@@ -569,7 +569,6 @@ def train(cfg: Config, d: Dist) -> dict:
             print(
                 f"stopped at iteration {state['step']} of {cfg.train.iterations}. Curves: {png}", flush=True
             )
-    pool.close()
     return record
 
 
