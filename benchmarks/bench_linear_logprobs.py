@@ -15,20 +15,14 @@ import importlib.util
 
 import pytest
 import torch
+from kernel_shapes import ON_CUDA, shape_params
 from torch.utils.checkpoint import checkpoint
 
 from fastprime.kernels import linear_logprobs
 from fastprime.kernels.reference import chunk_rows
 
-ON_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if ON_CUDA else "cpu"
-if ON_CUDA:
-    # (N tokens, D, V): Qwen2.5-7B and Qwen2.5-0.5B heads; bf16 as in training.
-    SHAPES = [(n, d, v) for d, v in [(3584, 152064), (896, 151936)] for n in (8192, 16384, 32768)]
-    DTYPE = torch.bfloat16
-else:
-    SHAPES = [(256, 128, 8192), (512, 256, 32000)]
-    DTYPE = torch.float32
+SHAPES = shape_params([(256, 128, 8192), (512, 256, 32000)])
 METHODS = ["eager", "reference", "chunked", "compiled_chunked", "triton", "liger", "cce"]
 
 
@@ -86,13 +80,13 @@ def skip_reason(method: str) -> str | None:
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize(("n", "d", "v"), SHAPES, ids=[f"N{n}-D{d}-V{v}" for n, d, v in SHAPES])
-def test_linear_logprobs(measure, n, d, v, method, mode):
+@pytest.mark.parametrize(("n", "d", "v", "dtype"), SHAPES)
+def test_linear_logprobs(measure, n, d, v, dtype, method, mode):
     if reason := skip_reason(method):
         pytest.skip(reason)
     g = torch.Generator(device=DEVICE).manual_seed(0)
-    hidden = torch.randn(n, d, device=DEVICE, generator=g).to(DTYPE)
-    weight = (torch.randn(v, d, device=DEVICE, generator=g) / d**0.5).to(DTYPE)
+    hidden = torch.randn(n, d, device=DEVICE, generator=g).to(dtype)
+    weight = (torch.randn(v, d, device=DEVICE, generator=g) / d**0.5).to(dtype)
     targets = torch.randint(0, v, (n,), device=DEVICE, generator=g)
     fn = logp_fn(method)
     if mode == "fwd":
@@ -115,6 +109,6 @@ def test_linear_logprobs(measure, n, d, v, method, mode):
         # The gradients of hidden and weight are outputs, not overhead: "extra memory" leaves them out.
         grad_bytes = (hidden.numel() + weight.numel()) * hidden.element_size()
     measure(
-        call, op="linear_logprobs", shape=f"N={n} D={d} V={v}", dtype=str(DTYPE).removeprefix("torch."),
+        call, op="linear_logprobs", shape=f"N={n} D={d} V={v}", dtype=str(dtype).removeprefix("torch."),
         method=method, mode=mode, flops=flops, rounds=5 if ON_CUDA else 3, exclude_bytes=grad_bytes,
     )  # fmt: skip

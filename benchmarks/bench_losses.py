@@ -9,21 +9,12 @@ FLOPs counted for forward+backward: 6 N D V (logits, dh, dW); the epilogues are 
 
 import pytest
 import torch
+from kernel_shapes import ON_CUDA, shape_params
 
 from fastprime.kernels import aggregation_weights, linear_ppo_loss, linear_prm_loss
 
-ON_CUDA = torch.cuda.is_available()
 SEQ_LEN = 1024  # tokens per sequence: liger takes [B, T] batches, ours the same tokens packed as [N]
-
-GPU_SHAPES = [(n, d, v) for d, v in [(3584, 152064), (896, 151936)] for n in (8192, 16384, 32768)]
-CPU_SHAPES = [(512, 256, 8192), (1024, 128, 32000)]
-# benchmarks/ has its own conftest (no gpu-marker hook), so GPU shapes skip here explicitly: on a CPU they would
-# try to allocate tens of GB of eager logits.
-GPU_ONLY = [pytest.mark.gpu, pytest.mark.skipif(not ON_CUDA, reason="needs a CUDA GPU")]
-SHAPES = [
-    pytest.param(*s, torch.bfloat16, marks=GPU_ONLY, id=f"N{s[0]}-D{s[1]}-V{s[2]}-bf16") for s in GPU_SHAPES
-]
-SHAPES += [pytest.param(*s, torch.float32, id=f"N{s[0]}-D{s[1]}-V{s[2]}-fp32") for s in CPU_SHAPES]
+SHAPES = shape_params([(512, 256, 8192), (1024, 128, 32000)])
 PPO_METHODS = ["eager", "chunked", "triton", "liger"]
 PRM_METHODS = ["eager", "chunked", "triton"]
 IMPL_OF = {"eager": "reference", "chunked": "chunked", "triton": "triton"}

@@ -66,6 +66,8 @@ class Row:
 
 
 ROWS: list[Row] = []
+# This project's implementations: a failure of one of these fails the benchmark instead of skipping it.
+OWN_METHODS = ("reference", "chunked", "triton")
 
 
 def peak_extra_memory(fn: Callable[[], object], exclude_bytes: int = 0) -> float | None:
@@ -85,7 +87,8 @@ def peak_extra_memory(fn: Callable[[], object], exclude_bytes: int = 0) -> float
 def measure(benchmark):
     """measure(fn, op=, shape=, dtype=, method=, mode=, flops=) warms fn up once (compile, autotune), then
     records its peak extra memory (less exclude_bytes) and median time (synchronised) as a Row; OOM gives an
-    "OOM" row and a skip, any other failure a skip naming it."""
+    "OOM" row and a skip, any other failure of a third-party method (compile, liger, cce) a skip naming it,
+    and of this project's own methods an error."""
 
     def run(
         fn, *, op: str, shape: str, dtype: str, method: str, mode: str, flops: float, rounds: int = 5,
@@ -106,6 +109,8 @@ def measure(benchmark):
             ROWS.append(Row(op, shape, dtype, method, mode, None, None, None, None, "OOM"))
             pytest.skip(f"{method} {mode} {shape}: out of memory")
         except Exception as err:  # torch.compile without a working C++ toolchain, a missing kernel, ...
+            if method in OWN_METHODS:
+                raise  # a failure of this project's own kernels is a bug to see, not a skip
             pytest.skip(f"{method} does not run here: {type(err).__name__}: {str(err)[:300]}")
         stats = getattr(benchmark, "stats", None)
         ms = stats.stats.median * 1e3 if stats is not None else None
