@@ -19,15 +19,18 @@ from fastprime.trainer.demo import build_tiny_model, build_tokenizer
 WORKER = pathlib.Path(__file__).with_name("fsdp_worker.py")
 
 
-def _run(tmp_path, nproc: int, budget: int) -> dict:
-    out = tmp_path / f"out_{nproc}.pt"
+def _torchrun(nproc: int, *args: str) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     # A session of its own, so that a hang kills torchrun and its workers together.
     proc = subprocess.Popen(
-        [*cmd, str(WORKER), str(out), str(budget)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=env, start_new_session=True,
-    )  # fmt: skip
+        [*cmd, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
     try:
         _, stderr = proc.communicate(timeout=240)
     except subprocess.TimeoutExpired:
@@ -35,6 +38,11 @@ def _run(tmp_path, nproc: int, budget: int) -> dict:
         proc.communicate()
         pytest.fail(f"torchrun with {nproc} processes did not finish in 240 s")
     assert proc.returncode == 0, f"torchrun with {nproc} processes failed:\n{stderr[-4000:]}"
+
+
+def _run(tmp_path, nproc: int, budget: int) -> dict:
+    out = tmp_path / f"out_{nproc}.pt"
+    _torchrun(nproc, str(WORKER), str(out), str(budget))
     return torch.load(out)
 
 
@@ -63,3 +71,27 @@ def test_fsdp2_two_ranks_equal_one_process(tmp_path):
                 rtol=1e-5,
                 msg=lambda m, k=k, model=model: f"{model}.{k}: {m}",
             )
+
+
+@pytest.mark.slow
+def test_main_runs_under_torchrun_two_ranks(tmp_path):
+    """The whole loop with 2 ranks: prompts split over ranks for rollout, results gathered, one checkpoint."""
+    from fastprime.trainer.metrics import read_metrics
+
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(
+        "model: {source: demo, warm_start: false}\n"
+        "data: {source: demo, demo_train_rows: 32, demo_eval_rows: 4, max_prompt_tokens: 64}\n"
+        "rollout: {n_samples: 4, max_new_tokens: 8}\nfilter: {enabled: false}\nverifier: {workers: 1}\n"
+        "prm: {mini_batches: 2}\npolicy: {mini_batches: 2}\n"
+        "train: {iterations: 2, batch_size: 3, micro_batch_tokens: 72, eval_every: 0, eval_max_new_tokens: 8}\n"
+        "run: {progress: false}\n"
+    )
+    main = pathlib.Path(__file__).resolve().parents[2] / "trainer" / "main.py"
+    _torchrun(2, str(main), "--config", str(cfg), "--run.output-dir", str(tmp_path), "--run.name", "ddp")
+    records = read_metrics(tmp_path / "ddp" / "metrics.jsonl")
+    assert [r["step"] for r in records] == [0, 1, 2]
+    assert all(r["rollout/responses"] == 12 and r["batch/responses"] == 12 for r in records[1:])
+    assert (
+        records[2]["eval/acc"] is not None and (tmp_path / "ddp" / "checkpoints" / "step_00000002").is_dir()
+    )
