@@ -99,7 +99,7 @@ def load_tokenizer_and_model(cfg: Config):
     try:
         tok = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path or cfg.model.path, local_files_only=True)
         lm = load_causal_lm(cfg.model.path, attn_implementation=cfg.model.attn_implementation)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, ImportError) as e:
         raise SetupError(f"cannot load model.path={cfg.model.path!r}: {e}") from None
     if tok.eos_token_id is None:
         raise SetupError(f"tokenizer of {cfg.model.path!r} has no eos_token: generation could never stop")
@@ -333,11 +333,12 @@ def _train(cfg: Config, d: Dist, pool) -> dict:
     shard = dict(device=device, mixed_precision=cfg.model.mixed_precision)
     prm_lm = None
     if use_prm:
-        prm_lm = (
-            load_causal_lm(cfg.model.prm_path, attn_implementation=cfg.model.attn_implementation)
-            if cfg.model.prm_path
-            else copy.deepcopy(lm)
-        )
+        prm_lm = copy.deepcopy(lm)
+        if cfg.model.prm_path:
+            try:
+                prm_lm = load_causal_lm(cfg.model.prm_path, attn_implementation=cfg.model.attn_implementation)
+            except (OSError, ValueError, ImportError) as e:
+                raise SetupError(f"cannot load model.prm_path={cfg.model.prm_path!r}: {e}") from None
     ref = shard_model(copy.deepcopy(lm), trainable=False, **shard) if use_ref else None
     prm_train = use_prm and cfg.prm.update != "none"
     prm = (
