@@ -172,7 +172,9 @@ class TrainConfig:
     batch_size: int = 256
     """B: prompts per iteration after filtering (each with K responses)."""
     micro_batch_tokens: int = 16384
-    """Token budget of one packed micro-batch per rank (prompt + response tokens)."""
+    """Token budget of one packed micro-batch per rank (prompt + response tokens). With flash-attn (varlen)
+    attention costs sum(L_i^2); with sdpa/eager it is a dense budget^2 mask, so keep it small there (on the demo
+    model on CPU, 4002 tokens fwd+bwd took 0.35 s at 512 and 1.12 s at 4096)."""
     seed: int = 0
     """Seed of everything: model init, data order, sampling."""
     eval_every: int = 10
