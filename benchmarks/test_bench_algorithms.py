@@ -8,6 +8,7 @@ import os
 
 import pytest
 import torch
+
 from fastprime.trainer.algorithms import compute_advantages, gae_advantages, process_token_rewards
 
 DEVICE = os.environ.get("FASTPRIME_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu")

@@ -16,6 +16,8 @@ import math
 from typing import NamedTuple
 
 import torch
+from torch import Tensor
+
 from fastprime.trainer.masked_ops import (
     check_group_size,
     check_mask,
@@ -27,7 +29,6 @@ from fastprime.trainer.masked_ops import (
     place_on_last_token,
     reverse_discounted_cumsum,
 )
-from torch import Tensor
 
 ESTIMATORS = ("rloo", "grpo", "reinforce")
 PROCESS_LOO = ("reference", "paper")

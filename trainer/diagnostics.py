@@ -7,6 +7,8 @@ filter pass rate in filtering.py.
 
 from __future__ import annotations
 
+from torch import Tensor
+
 from fastprime.trainer.masked_ops import (
     check_group_size,
     check_mask,
@@ -14,7 +16,6 @@ from fastprime.trainer.masked_ops import (
     check_vector,
     float_dtype,
 )
-from torch import Tensor
 
 
 def response_stats(mask: Tensor, *, truncated: Tensor | None = None) -> dict[str, float]:

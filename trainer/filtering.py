@@ -12,8 +12,9 @@ import copy
 from collections import deque
 from typing import Any
 
-from fastprime.trainer.masked_ops import check_group_size, check_vector
 from torch import Tensor
+
+from fastprime.trainer.masked_ops import check_group_size, check_vector
 
 # Group means are sums of a few fractions (e.g. 3/5 = 0.6 must pass hi = 0.6 although float32 rounds it up);
 # this tolerance makes the inclusive bounds hold for every mean that equals a bound up to rounding.

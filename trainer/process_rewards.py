@@ -8,6 +8,8 @@ batch normalisation below removes any constant scale anyway.
 from __future__ import annotations
 
 import torch
+from torch import Tensor
+
 from fastprime.trainer.masked_ops import (
     check_group_size,
     check_mask,
@@ -17,7 +19,6 @@ from fastprime.trainer.masked_ops import (
     place_on_last_token,
     reverse_discounted_cumsum,
 )
-from torch import Tensor
 
 GRANULARITIES = ("token", "whole")
 NORMS = ("batch_norm", "none")

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+
 from fastprime.trainer.algorithms import compute_advantages, gae_advantages
 
 NAN = float("nan")

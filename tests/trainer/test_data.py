@@ -5,6 +5,7 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
 from fastprime.trainer.data import PromptStream, load_prompts
 from fastprime.trainer.demo import build_tokenizer
 

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from fastprime.trainer.algorithms import outcome_stats, process_reward_stats, response_stats
 
 NAN = float("nan")

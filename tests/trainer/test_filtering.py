@@ -4,6 +4,7 @@ import pickle
 
 import pytest
 import torch
+
 from fastprime.trainer.algorithms import RefillBuffer, filter_pass_rate, group_filter_mask
 
 

@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+
 from fastprime.kernels import linear_logprobs
 from fastprime.trainer.demo import build_tiny_model, build_tokenizer
 from fastprime.trainer.models import HeadlessLM

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from fastprime.trainer.algorithms import prm_pairwise_accuracy, process_token_rewards
 
 NAN = float("nan")
