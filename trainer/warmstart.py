@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
 from fastprime.kernels import linear_logprobs
 from fastprime.trainer.evaluate import greedy_accuracy
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 if TYPE_CHECKING:
     from fastprime.trainer.rewards import VerifierPool
@@ -121,8 +122,8 @@ def sft_batch(
 
 def sft_loss(
     model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor
-):
-    """Mean negative log-likelihood of the kept targets [B, T-1], via the fused head on the body's hidden states.
+) -> torch.Tensor:
+    """Scalar mean negative log-likelihood of the kept targets [B, T-1] (input_ids, attention_mask [B, T]).
 
     Never materialises `.logits`: the body (`model.model`) gives hidden [B, T, D] and `linear_logprobs`
     goes from hidden and the lm_head weight [V, D] straight to per-token log-probs.
