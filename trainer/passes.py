@@ -146,7 +146,7 @@ def prm_pass(
     labels = batch.acc.to(d.device, torch.float32)
     losses, norms, skipped, tokens = [], [], 0, 0
     for seqs in chunks(batch.n, mini_batches):
-        total, n_seqs = 0.0, len(seqs)
+        total, n_seqs = torch.zeros((), device=d.device), len(seqs)
         with torch.set_grad_enabled(update):
             for mb in _micro_batches(batch, seqs, d):
                 ref = mb.from_padded(ref_logp)
@@ -169,10 +169,10 @@ def prm_pass(
                 loss = loss * (0.0 if mb.filler else float(d.world))
                 if update:
                     loss.backward()
-                total += float(loss.detach())
+                total += loss.detach()  # stays on the device: one host sync per mini-batch, below
                 mb.to_padded(q_mb, q)
                 tokens += 0 if mb.filler else mb.num_tokens
-        total = float(all_sum(torch.tensor(total, device=d.device))) / d.world
+        total = float(all_sum(total)) / d.world
         losses.append(total)
         if update:
             norm, skip = clip_and_step(prm, opt, max_norm=max_norm, loss=total)
@@ -233,7 +233,7 @@ def policy_pass(
                 norm_kw = {"num_tokens": sum(lengths[i] for i in seqs)}
             else:
                 norm_kw = {"num_seqs": len(seqs)}
-            total = 0.0
+            total = torch.zeros((), device=d.device)
             for mb in _micro_batches(batch, seqs, d):
                 w = aggregation_weights(mb.response_mask, mb.seq_ids, loss_agg, **norm_kw)
                 w = w * (0.0 if mb.filler else float(d.world))
@@ -249,16 +249,15 @@ def policy_pass(
                     ),
                 )  # fmt: skip
                 loss.backward()
-                total += float(loss.detach())
+                total += loss.detach()  # loss and stats stay on the device: one host sync per mini-batch
                 if not mb.filler:
-                    n_tok = int(mb.response_mask.sum())
-                    sums += torch.tensor(
-                        [float(getattr(st, k)) * n_tok for k in names] + [n_tok],
-                        dtype=torch.float64,
-                        device=d.device,
+                    n_tok = mb.response_mask.sum().to(torch.float64)
+                    sums += (
+                        torch.stack([getattr(st, k).to(torch.float64) for k in names] + [sums.new_ones(())])
+                        * n_tok
                     )
                     tokens += mb.num_tokens
-            total = float(all_sum(torch.tensor(total, device=d.device))) / d.world
+            total = float(all_sum(total)) / d.world
             losses.append(total)
             norm, skip = clip_and_step(policy, opt, max_norm=max_norm, loss=total)
             norms.append(norm)
