@@ -282,3 +282,21 @@ def test_no_network_inside_the_sandbox(pool):
     )
     result = pool.score([_code_item(probe, {"inputs": [""], "outputs": ["['lo']\nrefused"]})])
     assert result.scores == [1.0]
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="mount namespaces need root")
+def test_only_system_directories_are_visible_and_the_stdlib_imports(pool):
+    # Whatever path the checkout, the data or other jobs live under (/work here, /check in CI), nothing
+    # outside the system's own trees may have content; the stdlib must still import after the hiding.
+    system = {"usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc", "proc", "sys", "dev", "tmp"}
+    probe = (
+        "import os, fractions, decimal, statistics, datetime\n"
+        "def full(p):\n"
+        "    try:\n        return bool(os.listdir(p)) if os.path.isdir(p) else os.path.getsize(p) > 0\n"
+        "    except OSError:\n        return False\n"
+        f"print(sorted(n for n in os.listdir('/') if n not in {sorted(system)!r} and not os.path.islink('/' + n)"
+        " and full('/' + n)))\n"
+        "print(sorted(os.listdir('/tmp')), fractions.Fraction(int(input()), 2))"
+    )
+    result = pool.score([_code_item(probe, {"inputs": ["3\n"], "outputs": ["[]\n['box'] 3/2"]})])
+    assert result.scores == [1.0]

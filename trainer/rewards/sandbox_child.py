@@ -4,8 +4,11 @@ It starts as root (when the verifier runs as root), locks itself in, then runs t
 same interpreter:
 1. reads its job (JSON) from the inherited fd given in argv[1] and closes it;
 2. isolation, each step best effort and reported on stderr if unavailable: a new network namespace (no
-   network at all), a new mount namespace where /tmp, /work, /root, /home, /var/tmp, /dev/shm, /run and
-   /mnt are replaced by empty tmpfs mounts (so the project, the data and other jobs' files are invisible),
+   network at all), a new mount namespace where every top-level directory except the system's own (/usr,
+   /etc, /proc, ...) is replaced by an empty tmpfs and every top-level file by /dev/null, so the project,
+   the data and other jobs' files are invisible wherever they live (an allowlist: a checkout under /check
+   or /data is hidden as well as one under /work); the interpreter's stdlib is bound back if it lived in a
+   hidden tree;
    and a new PID namespace (the program runs as its PID 1 in a forked child; everything it starts dies
    with it);
 3. a fresh working directory on that tmpfs (or the parent-made one when namespaces are unavailable);
@@ -35,7 +38,13 @@ MS_REC = 16384
 MS_PRIVATE = 1 << 18
 MS_NOSUID = 2
 MS_NODEV = 4
-HIDDEN_DIRS = ("/tmp", "/work", "/root", "/home", "/var/tmp", "/dev/shm", "/run", "/mnt")
+MS_BIND = 4096
+MS_RDONLY = 1
+MS_REMOUNT = 32
+O_PATH = 0o10000000
+# Top-level entries the program may see: the system's programs, libraries and config. Everything else at the
+# top level (homes, /tmp, /var, /opt, /mnt, checkouts, data) is hidden; /dev/shm too.
+SYSTEM_DIRS = frozenset({"usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc", "proc", "sys", "dev"})
 PRELUDE = (
     "import sys, math, itertools, collections, heapq, bisect, functools, string, re, random\n"
     "from typing import *\n"
@@ -56,12 +65,32 @@ def _isolate(job, libc):
     if libc.unshare(CLONE_NEWNS) == 0 and libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) == 0:
         mounted = True
         opts = b"size=%dm,mode=0755" % max(1, job["fsize_mb"] * 2)
-        for d in HIDDEN_DIRS:
-            if (
-                os.path.isdir(d)
-                and libc.mount(b"tmpfs", d.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, opts) != 0
-            ):
+        # Hiding a tree that holds the stdlib would break imports: keep O_PATH handles to bind them back.
+        stdlib = {
+            p: os.open(p, O_PATH)
+            for p in sys.path
+            if p.startswith(sys.base_prefix + "/") and os.path.isdir(p) and not _visible(p)
+        }
+        hidden = ["/dev/shm"] + ["/" + n for n in sorted(os.listdir("/")) if n not in SYSTEM_DIRS]
+        for d in hidden:
+            if os.path.islink(d):
+                continue  # mounting on a link would cover its target, e.g. /lib -> usr/lib
+            if os.path.isdir(d):
+                rc = libc.mount(b"tmpfs", d.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, opts)
+            elif os.path.exists(d):
+                rc = libc.mount(b"/dev/null", d.encode(), None, MS_BIND, None)
+            else:
+                continue
+            if rc != 0:
                 notes.append("could not hide " + d)
+        for p, fd in stdlib.items():
+            os.makedirs(p, exist_ok=True)
+            if (
+                libc.mount(b"/proc/self/fd/%d" % fd, p.encode(), None, MS_BIND | MS_REC, None) != 0
+                or libc.mount(None, p.encode(), None, MS_REMOUNT | MS_BIND | MS_RDONLY, None) != 0
+            ):
+                notes.append("could not keep " + p)
+            os.close(fd)
     else:
         notes.append("no mount namespace")
     if libc.unshare(CLONE_NEWPID) == 0:
@@ -76,6 +105,11 @@ def _isolate(job, libc):
     else:
         notes.append("no PID namespace")
     return mounted, notes
+
+
+def _visible(path):
+    top = os.path.realpath(path).split("/")[1]
+    return top in SYSTEM_DIRS
 
 
 def _limits(job):
