@@ -44,7 +44,9 @@ MS_REMOUNT = 32
 O_PATH = 0o10000000
 # Top-level entries the program may see: the system's programs, libraries and config. Everything else at the
 # top level (homes, /tmp, /var, /opt, /mnt, checkouts, data) is hidden; /dev/shm too.
-SYSTEM_DIRS = frozenset({"usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc", "proc", "sys", "dev"})
+SYSTEM_DIRS = frozenset(
+    {"usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc", "proc", "sys", "dev"}
+)
 PRELUDE = (
     "import sys, math, itertools, collections, heapq, bisect, functools, string, re, random\n"
     "from typing import *\n"
