@@ -42,7 +42,10 @@ if INTERPRET:
     # One small config: the interpreter runs every program in numpy, so fewer, wider tiles are faster.
     _FWD_CONFIGS = [triton.Config({"BLOCK_N": 16, "BLOCK_V": 512, "BLOCK_D": 32})]
     _BWD_CONFIGS = [triton.Config({"BLOCK_N": 16, "BLOCK_V": 512, "BLOCK_D": 32, "GROUP_N": 4})]
+    _FWD_CONFIGS_FP32, _BWD_CONFIGS_FP32 = [], []
 else:
+    # bf16/fp16 tiles for Hopper's wgmma. Shared memory per config (compiled for sm_90, limit 227 KiB) is
+    # checked by tests/kernels/test_compile_sm90.py.
     _FWD_CONFIGS = [
         triton.Config({"BLOCK_N": 128, "BLOCK_V": 256, "BLOCK_D": 64}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_D": 64}, num_warps=8, num_stages=4),
@@ -60,6 +63,34 @@ else:
             {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 64, "GROUP_N": 8}, num_warps=4, num_stages=4
         ),
     ]
+    # fp32 tiles take twice the bytes: the 16-bit tiles above need 192-336 KiB of shared memory in fp32,
+    # past Hopper's 227 KiB, so the autotuner would spend a compile on each only to drop it.
+    _FWD_CONFIGS_FP32 = [
+        triton.Config({"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 32}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_D": 32}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_N": 64, "BLOCK_V": 256, "BLOCK_D": 32}, num_warps=8, num_stages=3),
+    ]
+    _BWD_CONFIGS_FP32 = [
+        triton.Config({"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_D": 32, "GROUP_N": 8}, num_warps=4, num_stages=3),
+        triton.Config(
+            {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 32, "GROUP_N": 8}, num_warps=8, num_stages=3
+        ),
+        triton.Config(
+            {"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_D": 32, "GROUP_N": 8}, num_warps=8, num_stages=2
+        ),
+    ]
+
+
+def _configs_for_dtype(configs, named_args, **kwargs):
+    """Autotune prune: each kernel lists 16-bit and fp32 configs together; keep those of H's dtype (all of
+    them when that dtype has no list of its own, as under the interpreter)."""
+    fp32 = named_args["H"].dtype == torch.float32
+    wanted = _FWD_CONFIGS_FP32 + _BWD_CONFIGS_FP32 if fp32 else _FWD_CONFIGS + _BWD_CONFIGS
+    return [c for c in configs if any(c is w for w in wanted)] or configs
+
+
+_BY_DTYPE = {"early_config_prune": _configs_for_dtype}
+
 
 # Vocab rows of W per backward launch: bounds the fp32 dW scratch to V_CHUNK x D (117 MiB at D=3584) and
 # still gives cdiv(N, 128) x 64 programs per launch at BLOCK_V=128.
@@ -99,7 +130,7 @@ def _logits_tile(
     return tl.div_rn(acc, temperature)
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=["V", "D"])
+@triton.autotune(configs=_FWD_CONFIGS + _FWD_CONFIGS_FP32, key=["V", "D"], prune_configs_by=_BY_DTYPE)
 @triton.jit
 def _logprobs_fwd_kernel(
     H, W, B, TGT, M_OUT, S_OUT, A_OUT, ZT_OUT,
@@ -150,7 +181,13 @@ def _logprobs_fwd_kernel(
 
 
 # DH accumulates across the vocab-chunk launches, so autotuning must restore it, not zero it.
-@triton.autotune(configs=_BWD_CONFIGS, key=["V", "D"], reset_to_zero=["DW", "DB"], restore_value=["DH"])
+@triton.autotune(
+    configs=_BWD_CONFIGS + _BWD_CONFIGS_FP32,
+    key=["V", "D"],
+    prune_configs_by=_BY_DTYPE,
+    reset_to_zero=["DW", "DB"],
+    restore_value=["DH"],
+)
 @triton.jit
 def _logprobs_bwd_kernel(
     H, W, B, TGT, LSE, GL, GE, ENT, DH, DW, DB,

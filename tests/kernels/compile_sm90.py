@@ -1,0 +1,81 @@
+"""Compile every Triton kernel of fastprime.kernels, with every autotune config it would try, for Hopper (sm_90),
+on a machine without a GPU: `python tests/kernels/compile_sm90.py` prints one JSON line per compiled kernel.
+
+Triton's CUDA backend lowers to PTX and runs the bundled ptxas without a driver, so this catches what the
+interpreter cannot: compile errors, configs that need more shared memory than an SM has (the autotuner would
+drop them at run time, after a compile each), and dots that miss Hopper's wgmma tensor-core instructions.
+Must run without TRITON_INTERPRET (triton.jit then builds real JIT functions and the GPU config lists).
+"""
+
+import json
+import sys
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.autotuner import Autotuner
+
+from fastprime.kernels import linear_logprobs_triton, ppo_loss, prm_loss
+
+TARGET = GPUTarget("cuda", 90, 32)
+TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def compile_one(kernel, types: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 3) -> dict:
+    fn = kernel.fn if isinstance(kernel, Autotuner) else kernel
+    signature = {name: "constexpr" if name in constexprs else types[name] for name in fn.arg_names}
+    compiled = triton.compile(
+        ASTSource(fn, signature, constexprs=constexprs),
+        target=TARGET,
+        options={"num_warps": num_warps, "num_stages": num_stages},
+    )
+    return {
+        "kernel": fn.__name__,
+        "shared_bytes": compiled.metadata.shared,
+        "wgmma": compiled.asm["ptx"].count("wgmma.mma_async"),
+    }
+
+
+def head_kernels():
+    for dtype, name in TYPES.items():
+        precision = "ieee" if dtype == torch.float32 else "tf32"
+        inputs = {"H": "*" + name, "W": "*" + name, "B": "*" + name, "TGT": "*i64"}
+        scalars = {k: "i32" for k in ("N", "V", "D", "stride_hn", "stride_wv", "n_split")}
+        f32 = {
+            k: "*fp32"
+            for k in ("M_OUT", "S_OUT", "A_OUT", "ZT_OUT", "LSE", "GL", "GE", "ENT", "DH", "DW", "DB")
+        }
+        types = {**inputs, **scalars, **f32, "temperature": "fp32"}
+        for kernel, flags in (
+            (linear_logprobs_triton._logprobs_fwd_kernel, dict(HAS_BIAS=True, NEED_ENTROPY=True)),
+            (
+                linear_logprobs_triton._logprobs_bwd_kernel,
+                dict(HAS_BIAS=True, HAS_GE=True, NEED_DH=True, NEED_DW=True, NEED_DB=True),
+            ),
+        ):
+            named_args = {"H": torch.empty(0, dtype=dtype, device="meta")}
+            prune = kernel.early_config_prune or (lambda configs, _: configs)
+            for config in prune(kernel.configs, named_args):
+                constexprs = {**flags, "DOT_PRECISION": precision, **config.kwargs}
+                row = compile_one(kernel, types, constexprs, config.num_warps, config.num_stages)
+                yield {**row, "dtype": name, "config": config.kwargs, "num_warps": config.num_warps,
+                       "num_stages": config.num_stages}  # fmt: skip
+
+
+def epilogue_kernels():
+    ppo_types = {name: "*fp32" for name in ppo_loss._ppo_epilogue_kernel.arg_names if name.endswith("_ptr")}
+    ppo_types.update(tgt_ptr="*i64", code_ptr="*i8", N="i32", ignore_index="i32")
+    ppo_types.update({k: "fp32" for k in ("clip_low", "clip_high", "dual_clip", "kl_coef", "entropy_coef")})
+    flags = dict(HAS_REF=True, HAS_DUAL=True, HAS_ENT=True, BLOCK=1024)
+    yield {**compile_one(ppo_loss._ppo_epilogue_kernel, ppo_types, flags), "dtype": "fp32"}
+    for kernel in (prm_loss._prm_scores_kernel, prm_loss._prm_grad_kernel):
+        types = {name: "*fp32" for name in kernel.arg_names if name.endswith("_ptr")}
+        types.update(tgt_ptr="*i64", seq_ptr="*i64", N="i32", ignore_index="i32")
+        yield {**compile_one(kernel, types, dict(BLOCK=1024)), "dtype": "fp32"}
+
+
+if __name__ == "__main__":
+    for row in (*head_kernels(), *epilogue_kernels()):
+        print(json.dumps(row), flush=True)
+    sys.exit(0)
