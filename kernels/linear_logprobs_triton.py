@@ -44,40 +44,35 @@ if INTERPRET:
     _BWD_CONFIGS = [triton.Config({"BLOCK_N": 16, "BLOCK_V": 512, "BLOCK_D": 32, "GROUP_N": 4})]
     _FWD_CONFIGS_FP32, _BWD_CONFIGS_FP32 = [], []
 else:
-    # bf16/fp16 tiles for Hopper's wgmma. Shared memory per config (compiled for sm_90, limit 227 KiB) is
-    # checked by tests/kernels/test_compile_sm90.py.
+    # Hopper configs, chosen by compiling for sm_90 without a GPU (tests/kernels/compile_sm90.py,
+    # benchmarks/results/sm90_compile.md): shared memory within 227 KiB and at most a few hundred bytes of
+    # register spills per thread. BLOCK_D 32 leaves registers for the epilogue's tiles: 128x256x64 (fwd) and
+    # 128x128x64 (bwd) spilled 1.2-1.6 KB. Throughput is still untuned on a real GPU.
     _FWD_CONFIGS = [
-        triton.Config({"BLOCK_N": 128, "BLOCK_V": 256, "BLOCK_D": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_D": 32}, num_warps=8, num_stages=4),
+        triton.Config({"BLOCK_N": 64, "BLOCK_V": 256, "BLOCK_D": 32}, num_warps=8, num_stages=4),
         triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_D": 64}, num_warps=8, num_stages=4),
-        triton.Config({"BLOCK_N": 64, "BLOCK_V": 256, "BLOCK_D": 64}, num_warps=8, num_stages=4),
-        triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_D": 128}, num_warps=8, num_stages=3),
     ]
     _BWD_CONFIGS = [
         triton.Config(
-            {"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_D": 64, "GROUP_N": 8}, num_warps=8, num_stages=3
+            {"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_D": 32, "GROUP_N": 8}, num_warps=8, num_stages=3
         ),
         triton.Config(
-            {"BLOCK_N": 128, "BLOCK_V": 256, "BLOCK_D": 64, "GROUP_N": 8}, num_warps=8, num_stages=3
+            {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 64, "GROUP_N": 8}, num_warps=8, num_stages=3
         ),
-        triton.Config(
-            {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 64, "GROUP_N": 8}, num_warps=4, num_stages=4
-        ),
+        triton.Config({"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_D": 32, "GROUP_N": 8}, num_warps=4, num_stages=3),
     ]
-    # fp32 tiles take twice the bytes: the 16-bit tiles above need 192-336 KiB of shared memory in fp32,
-    # past Hopper's 227 KiB, so the autotuner would spend a compile on each only to drop it.
+    # fp32 tiles take twice the bytes (the 16-bit tiles above would need up to 336 KiB of shared memory) and
+    # run on FMA units (ieee precision), so they are smaller.
     _FWD_CONFIGS_FP32 = [
-        triton.Config({"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 32}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_D": 32}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_N": 64, "BLOCK_V": 256, "BLOCK_D": 32}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_D": 16}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 16}, num_warps=4, num_stages=3),
     ]
     _BWD_CONFIGS_FP32 = [
-        triton.Config({"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_D": 32, "GROUP_N": 8}, num_warps=4, num_stages=3),
         triton.Config(
-            {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 32, "GROUP_N": 8}, num_warps=8, num_stages=3
+            {"BLOCK_N": 128, "BLOCK_V": 64, "BLOCK_D": 16, "GROUP_N": 8}, num_warps=8, num_stages=3
         ),
-        triton.Config(
-            {"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_D": 32, "GROUP_N": 8}, num_warps=8, num_stages=2
-        ),
+        triton.Config({"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_D": 32, "GROUP_N": 8}, num_warps=8, num_stages=3),
     ]
 
 

@@ -8,11 +8,16 @@ Must run without TRITON_INTERPRET (triton.jit then builds real JIT functions and
 """
 
 import json
+import re
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 from triton.runtime.autotuner import Autotuner
 
@@ -34,6 +39,23 @@ def compile_one(kernel, types: dict, constexprs: dict, num_warps: int = 4, num_s
         "kernel": fn.__name__,
         "shared_bytes": compiled.metadata.shared,
         "wgmma": compiled.asm["ptx"].count("wgmma.mma_async"),
+        **ptxas_usage(compiled.asm["ptx"]),
+    }
+
+
+def ptxas_usage(ptx: str) -> dict:
+    """Registers and spill bytes per thread, from the ptxas Triton uses, with its register-allocation flag
+    (the compiled kernel's metadata only learns its register count from a driver)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp, "kernel.ptx")
+        src.write_text(ptx)
+        cmd = [get_ptxas(TARGET.arch).path, "-v", "--regAllocOptLevel=2", "--gpu-name=sm_90a", str(src)]
+        log = subprocess.run([*cmd, "-o", str(src.with_suffix(".o"))], capture_output=True, text=True).stderr
+    registers = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores", log)
+    return {
+        "registers": int(registers.group(1)) if registers else None,
+        "spill_store_bytes": int(spills.group(1)) if spills else 0,
     }
 
 
