@@ -144,6 +144,13 @@ PROBES = [
     ("1", r"\boxed{1+10^{-100}}", 0),
     ("0", r"\boxed{0.0000001}", 0),
     # equation chains: graded by the last side, unless two numbers are claimed equal that are not
+    ("2", r"\boxed{2 \approx 3}", 0),
+    ("3", r"\boxed{2 \approx 3}", 0),
+    (r"\pi", r"\boxed{\pi \approx 3.14}", 1),
+    ("3.14", r"\boxed{\pi \approx 3.14}", 1),
+    (r"\frac13", r"\boxed{\frac{1}{3} \approx 0.333}", 1),
+    (r"\frac23", r"\boxed{\frac{2}{3} \approx 0.666}", 0),  # truncated, not rounded: a false claim
+    ("3", r"\boxed{x \approx 3}", 1),
     ("3", r"\boxed{2 = 3}", 0),
     ("3", r"\boxed{x = 2 = 3}", 0),
     ("3", r"\boxed{x = 1+2 = 3}", 1),
@@ -184,6 +191,9 @@ PROBES = [
     ("(C)", r"\boxed{\text{C}}", 1),
     ("C", r"\boxed{D}", 0),
     ("A", "(A) 12, because the other options are too large", 1),
+    ("A", "(A) or (B)", 0),
+    ("A", "A, or maybe B.", 0),
+    ("B", "B. Since angle A is 30 degrees, the rest follows.", 1),
     # equations and unicode
     ("3", r"x = \boxed{3}", 1),
     ("x=3", r"\boxed{3}", 1),

@@ -35,6 +35,7 @@ _PROSE_WORD_RE = re.compile(r"(?<![\\a-zA-Z])[a-zA-Z]{3,}")
 _ANSWER_WORDS = {"and", "or", "pct", "percent", "percentage", "cm", "mm", "km", "inches", "feet", "meters"}
 _ANSWER_PHRASE_RE = re.compile(r"(?i)answer(?:\s+is)?\s*:?\s*([^\n]{1,100}?)(?:\.\s|\.$|\n|$)")
 _HEDGE_WORD_RE = re.compile(r"(?i)(?<![a-z\\])(or|either|maybe|possibly|perhaps|probably)(?![a-z])")
+_CHOICE_LETTER_RE = re.compile(r"(?<![\w\\])([A-E])(?![\w])")
 _HEDGE_PROSE_RE = re.compile(r"(?i)\b(?:or|either|maybe|possibly|perhaps|probably|could be|might be)\b")
 _STRONG_HEDGE_RE = re.compile(
     r"(?i)\b(?:either|maybe|possibly|perhaps|probably|could be|might be|alternatively)\b"
@@ -163,8 +164,12 @@ def extract_choice(text: str) -> str | None:
         return None
     m = re.match(r"\s*(?:\*\*)?(?:\(([A-E])\)|([A-E])(?:\*\*)?(?:[.:,)]|\s*$))", text)
     if m:
+        # "(A) or (B)" opens with a letter but offers two.
+        first_line = text.strip().split("\n", 1)[0]
+        if len(set(_CHOICE_LETTER_RE.findall(first_line))) > 1 and _HEDGE_PROSE_RE.search(first_line):
+            return None
         return m.group(1) or m.group(2)
-    letters = set(re.findall(r"(?<![\w\\])([A-E])(?![\w])", text[-MAX_TAIL_CHARS:]))
+    letters = set(_CHOICE_LETTER_RE.findall(text[-MAX_TAIL_CHARS:]))
     return letters.pop() if len(letters) == 1 else None
 
 

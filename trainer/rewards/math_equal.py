@@ -44,6 +44,9 @@ MAX_NESTING = 50
 _HEDGE_RE = re.compile(r"(?<![a-z\\])(either|maybe|possibly|perhaps|probably)(?![a-z])")
 _OR_RE = re.compile(r"(?<![a-z\\])or(?![a-z])")
 # A gold with any of these is a list of values, where "or" in a prediction just joins the listed values.
+# An approximation between two numbers is a claim that can be false (`2 \approx 3`); the parser drops the
+# relation and keeps one side, so it is checked here.
+_APPROX_RE = re.compile(r"\\(?:approx|thickapprox|simeq)(?![a-zA-Z])")
 _LIST_MARK_RE = re.compile(r",|;|(?<![a-z])(?:and|or)(?![a-z])|\\[mp][pm]|\\cup")
 
 
@@ -172,6 +175,22 @@ def _states_false_equality(expr) -> bool:
     return False
 
 
+def _approximations_hold(sides: list[str]) -> bool:
+    r"""`a \approx b \approx ...`: every side is present, and two numbers side by side are equal or one is the
+    other correctly rounded (`\pi \approx 3.14` holds, `2 \approx 3` and `\frac23 \approx 0.666` do not)."""
+    if not all(side.strip() for side in sides):
+        return False
+    exprs = [parse_answer(side).expr for side in sides]
+    for a, b in zip(exprs, exprs[1:]):
+        if getattr(a, "is_number", False) and getattr(b, "is_number", False):
+            try:
+                if not (_values_equal(a, b) or _values_equal(b, a)):
+                    return False
+            except (TypeError, ValueError, ArithmeticError, AttributeError):
+                return False
+    return True
+
+
 def _too_complex(answer: str) -> bool:
     """Longer than any real final answer, or nested deeper than any real one: skip the parser."""
     if len(answer) > MAX_ANSWER_CHARS:
@@ -213,6 +232,9 @@ def answers_equal(gold: str, pred: str) -> bool:
         return False
     if _too_complex(gold) or _too_complex(pred):
         return False  # identical texts were accepted above; nothing this size is worth parsing
+    sides = _APPROX_RE.split(pred)
+    if len(sides) > 1:
+        return _approximations_hold(sides) and any(answers_equal(gold, side) for side in sides)
     g, p = parse_answer(gold), parse_answer(pred)
     if g.expr is None or p.expr is None:
         return _plain(g.text) == _plain(p.text) and len(_plain(g.text)) > 0
