@@ -22,7 +22,8 @@ grouped order for L2 reuse):
     atomic adds into L2 and run-to-run non-determinism of dh, dW in the last bits. Scratch memory: fp32 dh
     [N, D] and an fp32 dW [V_CHUNK, D] reused across vocab chunks (none for fp32 inputs), never [V, D] fp32. Row blocks whose upstream
     grads are all zero (e.g. fully ignored) skip their tiles. G enters the two backward dots in the input
-    dtype (bf16/fp16 tensor cores), as in cut-cross-entropy and liger-kernel; accumulation stays fp32.
+    dtype (bf16/fp16 tensor cores), as in cut-cross-entropy and liger-kernel; accumulation stays fp32. In fp16
+    each G tile is first scaled by a power of two so that small upstream grads do not go subnormal.
 Unmeasured on a GPU so far: configs are the usual Hopper choices, tuned when a GPU is available.
 """
 
@@ -228,6 +229,13 @@ def _logprobs_bwd_kernel(
         G = tl.div_rn(G, temperature)
         if NEED_DB:
             tl.atomic_add(DB + cols, tl.sum(G, axis=0), mask=col_ok)
+        # fp16 has 5 exponent bits: G ~ g (1 - p) with g ~ 1/tokens is subnormal there and would keep ~7 bits.
+        # Scale the tile by a power of two (exact) so its largest entry is ~1, and undo it on the fp32 products.
+        g_scale = 1.0
+        if H.dtype.element_ty == tl.float16:
+            g_max = tl.max(tl.max(tl.abs(G), axis=1), axis=0)
+            g_scale = tl.where(g_max > 0, tl.exp2(tl.ceil(tl.log2(g_max))), 1.0)
+            G = G / g_scale
         G_in = G.to(H.dtype.element_ty)
         offs_d = tl.arange(0, BLOCK_D)
         for d0 in range(0, D, BLOCK_D):
@@ -235,11 +243,11 @@ def _logprobs_bwd_kernel(
             d_ok = d < D
             if NEED_DH:
                 w = _load_tile(W, cols64, col_ok, stride_wv, d, d_ok)
-                dh = tl.dot(G_in, w, input_precision=DOT_PRECISION)
+                dh = tl.dot(G_in, w, input_precision=DOT_PRECISION) * g_scale
                 tl.atomic_add(DH + rows64[:, None] * D + d[None, :], dh, mask=row_ok[:, None] & d_ok[None, :])
             if NEED_DW:
                 h = _load_tile(H, rows64, row_ok, stride_hn, d, d_ok)
-                dw = tl.dot(tl.trans(G_in), h, input_precision=DOT_PRECISION)
+                dw = tl.dot(tl.trans(G_in), h, input_precision=DOT_PRECISION) * g_scale
                 tl.atomic_add(DW + cols64[:, None] * D + d[None, :], dw, mask=col_ok[:, None] & d_ok[None, :])
 
 
