@@ -247,12 +247,25 @@ HOSTILE = {
         "import builtins\nbuiltins.abs = lambda x: 0\nbuiltins.len = lambda x: 3\ndef f(x):\n    return 100",
         {"fn_name": "f", "assert_case": ["assert abs(f(3) - 6) < 1e-6", "assert len([f(3)]) == 3"]},
     ),
+    "patched_module": (
+        "import math\nmath.isclose = lambda *a, **k: True\ndef f(x):\n    return 100",
+        {"fn_name": "f", "assert_case": ["assert math.isclose(f(3), 6)"]},
+    ),
+    "rebound_module_name": (
+        "class M:\n    isclose = staticmethod(lambda *a, **k: True)\nmath = M()\ndef f(x):\n    return 100",
+        {"fn_name": "f", "assert_case": ["assert math.isclose(f(3), 6)"]},
+    ),
     "forged_result": (
         "import os, json\nfor fd in range(3, 64):\n    try:\n"
         "        os.write(fd, (json.dumps({'ok': True, 'value': 6}) + '\\n').encode())\n    except OSError:\n        pass\n"
         "os._exit(0)",
         {"fn_name": "f", "inputs": [[3]], "outputs": [6]},
     ),
+}
+# The same module-level test as the patched ones, on an honest program.
+HONEST_ISCLOSE = {
+    "fn_name": "f",
+    "assert_case": ["assert math.isclose(f(3), 6.0)", "assert sqrt(f(8)) == 4.0"],
 }
 # Correct output from a program that leaves a detached child behind: it passes, and the child is swept.
 ESCAPED_DAEMON = (
@@ -267,8 +280,12 @@ def test_hostile_programs_are_contained(pool):
     assert "crash" not in result.failures and "error" not in result.failures, result.failures
     # Separate batch: with 1 s test limits on 2 shared cores, a concurrently running fork bomb can starve
     # an honest program past its limit (CPU share is not isolated; that needs cgroups).
-    honest = [_code_item("print(int(input()) * 2)", STDIO_OK), _code_item(ESCAPED_DAEMON, STDIO_OK)]
-    assert pool.score(honest).scores == [1.0, 1.0]
+    honest = [
+        _code_item("print(int(input()) * 2)", STDIO_OK),
+        _code_item(ESCAPED_DAEMON, STDIO_OK),
+        _code_item("import math\ndef f(x):\n    return 2.0 * x", HONEST_ISCLOSE),
+    ]
+    assert pool.score(honest).scores == [1.0, 1.0, 1.0]
     if IS_ROOT:
         assert _sandbox_processes() == []  # daemons and fork-bomb children were swept
 

@@ -19,7 +19,9 @@ same interpreter:
    mode calls one function and "assert" mode evaluates one test expression; for those two the result is
    reduced to plain JSON data (exact builtin types only, so an object whose __eq__ always returns True
    cannot be reported) and written to the result fd, prefixed with a per-run nonce. The parent alone holds
-   the expected outputs and decides pass/fail; exit status is never trusted.
+   the expected outputs and decides pass/fail; exit status is never trusted. An assert test sees the builtins
+   and the modules as they were before the program ran (patching `math.isclose` does not change the test).
+   In-process checks are best effort: a program that digs the saved copies out of `gc` could still reach them.
 Must only use the standard library: it runs under the system interpreter, outside the project's venv.
 """
 
@@ -30,6 +32,7 @@ import json
 import os
 import resource
 import sys
+import types
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWNET = 0x40000000
@@ -163,6 +166,22 @@ def _check_plain(x, depth=0, _type=type):
     return x
 
 
+def _module_snapshots():
+    """{id: (module, a copy of its attributes)} for every loaded module, taken before the program runs."""
+    return {
+        id(m): (m, types.SimpleNamespace(**vars(m)))
+        for m in list(sys.modules.values())
+        if type(m) is types.ModuleType
+    }
+
+
+def _as_before(value, snapshots):
+    """What a test sees for a name: a module as it was before the program ran (so `math.isclose = ...` or
+    rebinding `math` cannot change what `assert math.isclose(f(x), y)` calls), anything else as it is."""
+    entry = snapshots.get(id(value))
+    return entry[1] if entry is not None and entry[0] is value else value
+
+
 class _WrapCalls(ast.NodeTransformer):
     def visit_Call(self, node):
         self.generic_visit(node)
@@ -212,7 +231,7 @@ def main():
         "__builtins__": builtins,
     }
     try:
-        code = compile((PRELUDE if mode != "stdio" else "") + job["code"], path, "exec")
+        code = compile(job["code"], path, "exec")
     except BaseException as e:  # noqa: BLE001 - a syntax error is a failed test, reported like any other
         report({"ok": False, "error": "compile: " + _type_name(e)})
         exit_(0)
@@ -223,6 +242,11 @@ def main():
             sys.stdout.flush()
         return
     try:
+        exec(PRELUDE, ns)
+        modules_before = _module_snapshots()
+        prelude_modules = {
+            name: _as_before(v, modules_before) for name, v in ns.items() if type(v) is types.ModuleType
+        }
         exec(code, ns)
         if mode == "call":
             fn_name = job["fn_name"]
@@ -239,8 +263,12 @@ def main():
             # Every call's result must be plain data before any operator touches it, and the test's own
             # builtins are the ones saved before the program ran (it may have replaced abs, sorted, ...).
             expr = ast.fix_missing_locations(_WrapCalls().visit(expr))
-            test_globals = dict(ns)
-            test_globals.update(__builtins__=safe_builtins, __fp_check__=_check_plain)
+            test_globals = {name: _as_before(value, modules_before) for name, value in ns.items()}
+            test_globals.update(
+                prelude_modules,
+                __builtins__=safe_builtins,
+                __fp_check__=_check_plain,
+            )
             value = eval(compile(ast.Expression(expr), "<test>", "eval"), test_globals)
         out = _plain(value)
     except BaseException as e:  # noqa: BLE001 - SystemExit and KeyboardInterrupt included: all fail the test
