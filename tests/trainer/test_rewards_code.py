@@ -255,6 +255,10 @@ HOSTILE = {
         "class M:\n    isclose = staticmethod(lambda *a, **k: True)\nmath = M()\ndef f(x):\n    return 100",
         {"fn_name": "f", "assert_case": ["assert math.isclose(f(3), 6)"]},
     ),
+    "shadowed_prelude_name": (
+        "isclose = lambda *a, **k: True\ndef f(x):\n    return 100",
+        {"fn_name": "f", "assert_case": ["assert isclose(f(3), 6)"]},
+    ),
     "forged_result": (
         "import os, json\nfor fd in range(3, 64):\n    try:\n"
         "        os.write(fd, (json.dumps({'ok': True, 'value': 6}) + '\\n').encode())\n    except OSError:\n        pass\n"
@@ -317,3 +321,14 @@ def test_only_system_directories_are_visible_and_the_stdlib_imports(pool):
     )
     result = pool.score([_code_item(probe, {"inputs": ["3\n"], "outputs": ["[]\n['box'] 3/2"]})])
     assert result.scores == [1.0]
+
+
+def test_assert_tests_call_the_programs_function_when_the_prelude_has_one_too(pool):
+    # The prelude imports math's gcd; the test must still call the gcd the program was asked to write, with or
+    # without a fn_name (protecting prelude names from the program must not turn the test on math.gcd).
+    right = "def gcd(a, b):\n    while b:\n        a, b = b, a % b\n    return a"
+    wrong = "def gcd(a, b):\n    return 1"
+    bare = {"assert_case": ["assert gcd(12, 18) == 6"]}
+    named = {"fn_name": "gcd", "assert_case": ["assert gcd(12, 18) == 6"]}
+    items = [_code_item(code, tests) for tests in (bare, named) for code in (right, wrong)]
+    assert pool.score(items).scores == [1.0, 0.0, 1.0, 0.0]

@@ -244,8 +244,14 @@ def main():
     try:
         exec(PRELUDE, ns)
         modules_before = _module_snapshots()
-        prelude_modules = {
-            name: _as_before(v, modules_before) for name, v in ns.items() if type(v) is types.ModuleType
+        # What the prelude defined (math, isclose, Counter, ...) keeps that meaning in an assert test, except the
+        # name under test: `isclose = lambda *a: True` or `math = Fake()` must not make `assert isclose(...)` pass.
+        # Without a fn_name any name may be the one under test (a `gcd` to implement), so only modules are kept.
+        fn_name = job.get("fn_name")
+        prelude = {
+            name: _as_before(v, modules_before)
+            for name, v in ns.items()
+            if not name.startswith("__") and name != fn_name and (fn_name or type(v) is types.ModuleType)
         }
         exec(code, ns)
         if mode == "call":
@@ -265,7 +271,7 @@ def main():
             expr = ast.fix_missing_locations(_WrapCalls().visit(expr))
             test_globals = {name: _as_before(value, modules_before) for name, value in ns.items()}
             test_globals.update(
-                prelude_modules,
+                prelude,
                 __builtins__=safe_builtins,
                 __fp_check__=_check_plain,
             )
