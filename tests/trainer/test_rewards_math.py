@@ -200,6 +200,10 @@ PROBES = [
     ("-42", "The answer is \\boxed{\u221242}", 1),
     ("12", "\\boxed{\uff11\uff12}", 1),
     (r"\pi", "\\boxed{\u03c0}", 1),
+    # a label inside the box is not part of the answer
+    ("2", r"\boxed{\text{The answer is } 2}", 1),
+    (r"\frac12", r"\boxed{\text{Final answer: } \frac{1}{2}}", 1),
+    ("2", r"\boxed{\text{Answer: } 2 \text{ or } 3}", 0),
     # nothing to grade
     ("2", "", 0),
     ("2", "no answer here at all", 0),

@@ -35,6 +35,11 @@ _PROSE_WORD_RE = re.compile(r"(?<![\\a-zA-Z])[a-zA-Z]{3,}")
 _ANSWER_WORDS = {"and", "or", "pct", "percent", "percentage", "cm", "mm", "km", "inches", "feet", "meters"}
 _ANSWER_PHRASE_RE = re.compile(r"(?i)answer(?:\s+is)?\s*:?\s*([^\n]{1,100}?)(?:\.\s|\.$|\n|$)")
 _HEDGE_WORD_RE = re.compile(r"(?i)(?<![a-z\\])(or|either|maybe|possibly|perhaps|probably)(?![a-z])")
+# A label some models put inside the box: "\boxed{\text{The answer is } 2}", "\boxed{\text{Final answer: } x}".
+_ANSWER_LABEL_RE = re.compile(
+    r"^\s*\\(?:text|textbf|mathrm)\s*\{\s*(?:the\s+)?(?:final\s+)?answer(?:\s+is)?\s*:?\s*\}\s*:?",
+    re.IGNORECASE,
+)
 _CHOICE_LETTER_RE = re.compile(r"(?<![\w\\])([A-E])(?![\w])")
 _HEDGE_PROSE_RE = re.compile(r"(?i)\b(?:or|either|maybe|possibly|perhaps|probably|could be|might be)\b")
 _STRONG_HEDGE_RE = re.compile(
@@ -196,7 +201,8 @@ def extract_answer_parts(text: str) -> list[str] | None:
     if not text:
         return None
     spans = _boxed_spans(text)
-    boxes = [b.strip() for b, _ in spans if b.strip()]
+    boxes = [_ANSWER_LABEL_RE.sub("", b).strip() for b, _ in spans]
+    boxes = [b for b in boxes if b]
     if boxes:
         after = text[spans[-1][1] :]
         # "Final answer: ... is $x$" written after the last box states the answer outright and wins.
