@@ -19,8 +19,9 @@ same interpreter:
    mode calls one function and "assert" mode evaluates one test expression; for those two the result is
    reduced to plain JSON data (exact builtin types only, so an object whose __eq__ always returns True
    cannot be reported) and written to the result fd, prefixed with a per-run nonce. The parent alone holds
-   the expected outputs and decides pass/fail; exit status is never trusted. An assert test sees the builtins
-   and the modules as they were before the program ran (patching `math.isclose` does not change the test).
+   the expected outputs and decides pass/fail; exit status is never trusted. An assert test sees the builtins,
+   the modules and (with a fn_name) the prelude's other names as they were before the program ran, so
+   patching `math.isclose` or defining `isclose` does not change what the test calls.
    In-process checks are best effort: a program that digs the saved copies out of `gc` could still reach them.
 Must only use the standard library: it runs under the system interpreter, outside the project's venv.
 """
