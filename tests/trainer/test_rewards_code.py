@@ -14,6 +14,7 @@ import pytest
 
 from fastprime.trainer.rewards import VerifierPool
 from fastprime.trainer.rewards.code_sandbox import (
+    CPU_CGROUP_ROOT,
     SANDBOX_UID_BASE,
     SandboxLimits,
     extract_code,
@@ -332,3 +333,24 @@ def test_assert_tests_call_the_programs_function_when_the_prelude_has_one_too(po
     named = {"fn_name": "gcd", "assert_case": ["assert gcd(12, 18) == 6"]}
     items = [_code_item(code, tests) for tests in (bare, named) for code in (right, wrong)]
     assert pool.score(items).scores == [1.0, 0.0, 1.0, 0.0]
+
+
+CPU_HIERARCHY = os.path.dirname(CPU_CGROUP_ROOT)
+
+
+@pytest.mark.skipif(
+    not (IS_ROOT and os.access(os.path.join(CPU_HIERARCHY, "cpu.shares"), os.W_OK)),
+    reason="needs root and a writable cgroup v1 cpu hierarchy",
+)
+def test_sandboxes_run_in_their_workers_cpu_group_which_the_pool_removes():
+    # The program reports its own cpu cgroup; the parent compares it with the pool worker's group.
+    probe = (
+        "print([l.split(':')[2] for l in open('/proc/self/cgroup').read().splitlines()"
+        " if 'cpu' in l.split(':')[1].split(',')][0].rsplit('/', 1)[0])"
+    )
+    with VerifierPool(workers=1, timeout_s=5.0, code_test_timeout_s=1.0) as pool:
+        want = "/" + os.path.relpath(CPU_CGROUP_ROOT, CPU_HIERARCHY)
+        assert pool.score([_code_item(probe, {"inputs": [""], "outputs": [want]})]).scores == [1.0]
+        (worker_pid,) = [w.proc.pid for w in pool._workers]
+        assert os.path.isdir(os.path.join(CPU_CGROUP_ROOT, str(worker_pid)))
+    assert not os.path.exists(os.path.join(CPU_CGROUP_ROOT, str(worker_pid)))

@@ -22,6 +22,7 @@ after the 10th test still leaves 10/10, only the first 10 tests are run.
 from __future__ import annotations
 
 import ast
+import atexit
 import contextlib
 import json
 import logging
@@ -47,6 +48,8 @@ MAX_SCORED_TESTS = 10
 _CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_child.py")
 _FENCE_RE = re.compile(r"```[ \t]*(python3?|py)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
 _warned_unprivileged = False
+CPU_CGROUP_ROOT = "/sys/fs/cgroup/cpu/fastprime-sandbox"
+_cpu_group: str | None = None  # this process's sandbox cpu group once created ("" = unavailable)
 
 
 @dataclass(frozen=True)
@@ -221,10 +224,46 @@ def sandbox_uid() -> int | None:
     return SANDBOX_UID_BASE + os.getpid()
 
 
+def sandbox_cpu_group(worker_pid: int | None = None) -> str | None:
+    """The cgroup (v1 cpu controller) that the sandboxes of verifier process `worker_pid` (default: this one)
+    run in, created on first use; None where there is no writable cpu hierarchy (or not root).
+
+    One group per verifier process: the scheduler then shares the CPU between concurrent sandboxes group by
+    group, so a program that forks up to its process limit gets one sandbox's share, not eight, and does not
+    starve an honest program running in the next worker past its time limit."""
+    global _cpu_group
+    if worker_pid is not None:
+        return os.path.join(CPU_CGROUP_ROOT, str(worker_pid))
+    if _cpu_group is None:
+        _cpu_group = ""
+        path = os.path.join(CPU_CGROUP_ROOT, str(os.getpid()))
+        if os.geteuid() == 0 and os.path.exists(os.path.join(os.path.dirname(CPU_CGROUP_ROOT), "cpu.shares")):
+            try:
+                os.makedirs(path, exist_ok=True)
+                _cpu_group = path
+                # A pool's killed workers are cleaned up by the pool; a process that ends normally, here.
+                atexit.register(cleanup_sandboxes_of, os.getpid())
+            except OSError as e:
+                log.warning("code sandbox: no cpu cgroup for sandboxes (%s): CPU shared per process", e)
+    return _cpu_group or None
+
+
 def cleanup_sandboxes_of(worker_pid: int) -> None:
-    """Kill whatever the sandboxes of the (dead) verifier process `worker_pid` left running."""
-    if os.geteuid() == 0:
-        _kill_uid(SANDBOX_UID_BASE + worker_pid)
+    """Kill whatever the sandboxes of the (dead) verifier process `worker_pid` left running, and remove their
+    cpu cgroup."""
+    if os.geteuid() != 0:
+        return
+    _kill_uid(SANDBOX_UID_BASE + worker_pid)
+    group = sandbox_cpu_group(worker_pid)
+    for _ in range(50):  # rmdir fails while the killed processes are still leaving the group
+        try:
+            os.rmdir(group)
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            time.sleep(0.02)
+    log.warning("code sandbox: could not remove cpu cgroup %s", group)
 
 
 def run_one_test(code: str, tests: CodeTests, index: int, *, limits: SandboxLimits) -> TestRun:
@@ -248,6 +287,7 @@ def run_one_test(code: str, tests: CodeTests, index: int, *, limits: SandboxLimi
         "fsize_mb": limits.file_size_mb,
         "max_procs": limits.max_procs,
         "uid": uid,
+        "cpu_group": sandbox_cpu_group() if uid is not None else None,
         "workdir": workdir,
         "result_fd": -1,
     }

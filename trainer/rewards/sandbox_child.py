@@ -2,7 +2,8 @@
 
 It starts as root (when the verifier runs as root), locks itself in, then runs the untrusted program in this
 same interpreter:
-1. reads its job (JSON) from the inherited fd given in argv[1] and closes it;
+1. reads its job (JSON) from the inherited fd given in argv[1] and closes it, and joins its verifier's cpu
+   cgroup when there is one (so all it starts shares one CPU share with the verifier's other sandboxes);
 2. isolation, each step best effort and reported on stderr if unavailable: a new network namespace (no
    network at all), a new mount namespace where every top-level directory except the system's own (/usr,
    /etc, /proc, ...) is replaced by an empty tmpfs and every top-level file by /dev/null, so the project,
@@ -198,6 +199,12 @@ def main():
     dumps, write, exit_, getattr_ = json.dumps, os.write, os._exit, getattr
     safe_builtins = dict(vars(builtins))
     workdir = job["workdir"]
+    if job.get("cpu_group"):
+        try:  # first, so that everything the program starts shares this worker's one CPU share
+            with open(os.path.join(job["cpu_group"], "cgroup.procs"), "w") as f:
+                f.write(str(os.getpid()))
+        except OSError:
+            sys.stderr.write("sandbox: could not join cpu cgroup\n")
     if job["uid"] is not None:
         libc = ctypes.CDLL(None, use_errno=True)
         mounted, notes = _isolate(job, libc)
