@@ -241,8 +241,10 @@ def sandbox_cpu_group(worker_pid: int | None = None) -> str | None:
             try:
                 os.makedirs(path, exist_ok=True)
                 _cpu_group = path
-                # A pool's killed workers are cleaned up by the pool; a process that ends normally, here.
-                atexit.register(cleanup_sandboxes_of, os.getpid())
+                # A pool's killed workers are cleaned up by the pool; a process that ends normally, here
+                # (not a forked child, which inherits this hook but not the group).
+                creator = os.getpid()
+                atexit.register(lambda: os.getpid() == creator and cleanup_sandboxes_of(creator))
             except OSError as e:
                 log.warning("code sandbox: no cpu cgroup for sandboxes (%s): CPU shared per process", e)
     return _cpu_group or None
