@@ -224,19 +224,21 @@ def sandbox_uid() -> int | None:
     return SANDBOX_UID_BASE + os.getpid()
 
 
-def sandbox_cpu_group(worker_pid: int | None = None) -> str | None:
-    """The cgroup (v1 cpu controller) that the sandboxes of verifier process `worker_pid` (default: this one)
-    run in, created on first use; None where there is no writable cpu hierarchy (or not root).
+def _cpu_group_path(worker_pid: int) -> str:
+    return os.path.join(CPU_CGROUP_ROOT, str(worker_pid))
+
+
+def sandbox_cpu_group() -> str | None:
+    """The cgroup (v1 cpu controller) that this verifier process's sandboxes run in, created on first use;
+    None where there is no writable cpu hierarchy (or not root).
 
     One group per verifier process: the scheduler then shares the CPU between concurrent sandboxes group by
-    group, so a program that forks up to its process limit gets one sandbox's share, not eight, and does not
-    starve an honest program running in the next worker past its time limit."""
+    group, so a program whose children each start a new session (escaping autogroup's per-session sharing)
+    still gets one sandbox's share and cannot starve an honest program in the next worker past its limit."""
     global _cpu_group
-    if worker_pid is not None:
-        return os.path.join(CPU_CGROUP_ROOT, str(worker_pid))
     if _cpu_group is None:
         _cpu_group = ""
-        path = os.path.join(CPU_CGROUP_ROOT, str(os.getpid()))
+        path = _cpu_group_path(os.getpid())
         if os.geteuid() == 0 and os.path.exists(os.path.join(os.path.dirname(CPU_CGROUP_ROOT), "cpu.shares")):
             try:
                 os.makedirs(path, exist_ok=True)
@@ -256,7 +258,7 @@ def cleanup_sandboxes_of(worker_pid: int) -> None:
     if os.geteuid() != 0:
         return
     _kill_uid(SANDBOX_UID_BASE + worker_pid)
-    group = sandbox_cpu_group(worker_pid)
+    group = _cpu_group_path(worker_pid)
     for _ in range(50):  # rmdir fails while the killed processes are still leaving the group
         try:
             os.rmdir(group)
