@@ -5,19 +5,11 @@ import copy
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from fastprime.trainer.demo import build_tiny_model, build_tokenizer
-from fastprime.trainer.models import full_state_dict, init_distributed, shard_model
+from fastprime.trainer.models import full_state_dict, shard_model
 from fastprime.trainer.passes import Batch, Dist, logprob_pass, policy_pass
-
-
-@pytest.fixture(scope="module")
-def group_of_one():
-    rank, world, device = init_distributed()
-    yield Dist(rank=rank, world=world, device=device, token_budget=0)
-    dist.destroy_process_group()
 
 
 def _batch(vocab: int) -> Batch:
