@@ -333,12 +333,13 @@ def _train(cfg: Config, d: Dist, pool) -> dict:
     shard = dict(device=device, mixed_precision=cfg.model.mixed_precision)
     prm_lm = None
     if use_prm:
-        prm_lm = copy.deepcopy(lm)
         if cfg.model.prm_path:
             try:
                 prm_lm = load_causal_lm(cfg.model.prm_path, attn_implementation=cfg.model.attn_implementation)
             except (OSError, ValueError, ImportError) as e:
                 raise SetupError(f"cannot load model.prm_path={cfg.model.prm_path!r}: {e}") from None
+        else:
+            prm_lm = copy.deepcopy(lm)  # PRIME's default: the PRM starts from the policy's SFT weights
     ref = shard_model(copy.deepcopy(lm), trainable=False, **shard) if use_ref else None
     prm_train = use_prm and cfg.prm.update != "none"
     prm = (
