@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from fastprime.trainer.rewards import VerifierPool
-from fastprime.trainer.rewards.code_sandbox import sandbox_cpu_group
+from fastprime.trainer.verifiers import VerifierPool
+from fastprime.trainer.verifiers.code_sandbox import sandbox_cpu_group
 
 BOMB = (
     "```python\nimport os\nfor _ in range(7):\n    if os.fork() == 0:\n        os.setsid()\n        break\n"

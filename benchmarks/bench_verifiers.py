@@ -18,7 +18,7 @@ import os
 import random
 import time
 
-from fastprime.trainer.rewards import VerifierPool
+from fastprime.trainer.verifiers import VerifierPool
 
 SAMPLES_PER_PROMPT = 4  # K: the samples of one prompt share its gold answer, often also their own answer
 

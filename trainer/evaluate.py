@@ -8,7 +8,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 if TYPE_CHECKING:
-    from fastprime.trainer.rewards import VerifierPool
+    from fastprime.trainer.verifiers import VerifierPool
 
 
 @torch.no_grad()

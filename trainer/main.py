@@ -286,7 +286,7 @@ def collect_batch(
 
 def train(cfg: Config, d: Dist) -> dict:
     """Run (or resume) the configured training; returns the last metrics record."""
-    from fastprime.trainer.rewards import VerifierPool
+    from fastprime.trainer.verifiers import VerifierPool
 
     with VerifierPool(workers=cfg.verifier.workers, timeout_s=cfg.verifier.timeout_s) as pool:
         return _train(cfg, d, pool)

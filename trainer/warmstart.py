@@ -21,7 +21,7 @@ from fastprime.kernels import linear_logprobs
 from fastprime.trainer.evaluate import greedy_accuracy
 
 if TYPE_CHECKING:
-    from fastprime.trainer.rewards import VerifierPool
+    from fastprime.trainer.verifiers import VerifierPool
 
 logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
@@ -157,7 +157,7 @@ def warm_start(
     if not train_rows or not eval_rows:
         raise ValueError(f"warm start needs train and eval rows, got {len(train_rows)} and {len(eval_rows)}")
     if verifier is None:
-        from fastprime.trainer.rewards import VerifierPool
+        from fastprime.trainer.verifiers import VerifierPool
 
         with VerifierPool() as pool:
             return warm_start(model, tokenizer, train_rows, eval_rows, config=config, verifier=pool)

@@ -8,7 +8,7 @@ import pytest
 
 from fastprime.trainer.demo import make_arithmetic_rows
 from fastprime.trainer.demo.task import format_problem
-from fastprime.trainer.rewards import verify_batch
+from fastprime.trainer.verifiers import verify_batch
 
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul}
 

@@ -6,7 +6,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from fastprime.trainer.demo import build_tiny_model, build_tokenizer, make_arithmetic_rows
 from fastprime.trainer.evaluate import greedy_accuracy, greedy_responses
-from fastprime.trainer.rewards import VerifierPool
+from fastprime.trainer.verifiers import VerifierPool
 
 TOK = build_tokenizer()
 ANSWER = "\\boxed{7}"

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from fastprime.trainer.demo import build_tiny_model, build_tokenizer, make_arithmetic_rows
-from fastprime.trainer.rewards import VerifierPool
+from fastprime.trainer.verifiers import VerifierPool
 from fastprime.trainer.warmstart import (
     IGNORE_INDEX,
     WarmStartConfig,

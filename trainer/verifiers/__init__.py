@@ -5,6 +5,6 @@ Public entry points: `verify_batch(items, *, timeout_s, workers) -> list[float]`
 {"ability": "math"|"code", "response": str, "ground_truth": str | dict}.
 """
 
-from fastprime.trainer.rewards.pool import VerifierPool, VerifyResult, verify_batch
+from fastprime.trainer.verifiers.pool import VerifierPool, VerifyResult, verify_batch
 
 __all__ = ["VerifierPool", "VerifyResult", "verify_batch"]

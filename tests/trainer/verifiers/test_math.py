@@ -3,7 +3,7 @@
 Cases: /work/shared/data/verifier_cases (Math-Verify, PRIME/verl and Qwen2.5-Math grader tests; see its
 README). Strict cases only: `ambiguous` and `caveat` ones encode a tolerance policy or a grader convention.
 These run in-process (no pool) because none of them is slow; hostile inputs go through the pool in
-test_rewards_pool.py.
+verifiers/test_pool.py.
 """
 
 import functools
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from fastprime.trainer.rewards.math_answer import boxed_contents, extract_answer, extract_choice
-from fastprime.trainer.rewards.math_equal import answers_equal, score_math
+from fastprime.trainer.verifiers.math_answer import boxed_contents, extract_answer, extract_choice
+from fastprime.trainer.verifiers.math_equal import answers_equal, score_math
 
 CASES_DIR = Path("/work/shared/data/verifier_cases")
 CASE_FILES = ["math_verify_cases.jsonl", "prime_cases.jsonl", "qwen_cases.jsonl"]

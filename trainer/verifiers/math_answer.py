@@ -136,7 +136,7 @@ def _math_verify_fallback(text: str) -> str | None:
         get_extraction_regexes,
     )
 
-    from fastprime.trainer.rewards.math_parse import no_eval_expr_parser
+    from fastprime.trainer.verifiers.math_parse import no_eval_expr_parser
 
     regexes = get_extraction_regexes([LatexExtractionConfig(), ExprExtractionConfig()])
     patterns = sorted(((p, t, prio) for pats, t in regexes for p, prio in pats), key=lambda x: x[2])

@@ -32,8 +32,8 @@ import functools
 import re
 from decimal import ROUND_HALF_EVEN, ROUND_HALF_UP, Decimal, InvalidOperation
 
-from fastprime.trainer.rewards.math_answer import choice_letter
-from fastprime.trainer.rewards.math_parse import parse_answer
+from fastprime.trainer.verifiers.math_answer import choice_letter
+from fastprime.trainer.verifiers.math_parse import parse_answer
 
 __all__ = ["answers_equal", "score_math", "REL_TOL", "MIN_ROUNDED_SIG_DIGITS"]
 
@@ -255,7 +255,7 @@ def score_math(response: str, ground_truth: str) -> tuple[float, str | None]:
     `ground_truth` may be a bare answer or a full solution with `\\boxed{}`; failure kinds: "malformed"
     (not strings), "no_answer" (nothing extractable in the response).
     """
-    from fastprime.trainer.rewards.math_answer import extract_answer, extract_answer_parts, extract_choice
+    from fastprime.trainer.verifiers.math_answer import extract_answer, extract_answer_parts, extract_choice
 
     if not isinstance(response, str) or not isinstance(ground_truth, str):
         return 0.0, "malformed"

@@ -1,4 +1,4 @@
-"""One verifier worker process: `python -m fastprime.trainer.rewards.worker READ_FD WRITE_FD MEMORY_MB`.
+"""One verifier worker process: `python -m fastprime.trainer.verifiers.worker READ_FD WRITE_FD MEMORY_MB`.
 
 Started by `VerifierPool` as a fresh interpreter (not a fork of the trainer, which may hold CUDA state and
 threads, and not multiprocessing's spawn, which would re-import the trainer's main script). It imports the
@@ -18,10 +18,10 @@ from multiprocessing.connection import Connection
 
 def _score(ability: str, response, ground_truth, code_test_timeout_s: float) -> tuple[float, str | None]:
     if ability == "math":
-        from fastprime.trainer.rewards.math_equal import score_math
+        from fastprime.trainer.verifiers.math_equal import score_math
 
         return score_math(response, ground_truth)
-    from fastprime.trainer.rewards.code_sandbox import SandboxLimits, score_code
+    from fastprime.trainer.verifiers.code_sandbox import SandboxLimits, score_code
 
     return score_code(response, ground_truth, limits=SandboxLimits(test_timeout_s=code_test_timeout_s))
 
@@ -36,8 +36,8 @@ def main(argv: list[str]) -> None:
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("math_verify").setLevel(logging.ERROR)
     reader, writer = Connection(rfd, writable=False), Connection(wfd, readable=False)
-    import fastprime.trainer.rewards.code_sandbox  # noqa: F401 - warm imports before saying ready
-    import fastprime.trainer.rewards.math_equal  # noqa: F401
+    import fastprime.trainer.verifiers.code_sandbox  # noqa: F401 - warm imports before saying ready
+    import fastprime.trainer.verifiers.math_equal  # noqa: F401
 
     writer.send(("ready", os.getpid()))
     while True:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from fastprime.trainer.rewards import VerifierPool
-from fastprime.trainer.rewards.code_sandbox import (
+from fastprime.trainer.verifiers import VerifierPool
+from fastprime.trainer.verifiers.code_sandbox import (
     CPU_CGROUP_ROOT,
     SANDBOX_UID_BASE,
     SandboxLimits,

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from fastprime.trainer.rewards import VerifierPool, VerifyResult, verify_batch
+from fastprime.trainer.verifiers import VerifierPool, VerifyResult, verify_batch
 
 
 def _math(response: str, gold: str) -> dict:

@@ -49,7 +49,7 @@ class _Worker:
         to_child_r, to_child_w = os.pipe()
         from_child_r, from_child_w = os.pipe()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fastprime.trainer.rewards.worker", str(to_child_r), str(from_child_w)]
+            [sys.executable, "-m", "fastprime.trainer.verifiers.worker", str(to_child_r), str(from_child_w)]
             + [str(memory_mb)],
             pass_fds=(to_child_r, from_child_w),
             stdin=subprocess.DEVNULL,
@@ -65,7 +65,7 @@ class _Worker:
         self.deadline = 0.0  # for the task at the head of the queue, the one the worker is running
 
     def kill(self) -> None:
-        from fastprime.trainer.rewards.code_sandbox import cleanup_sandboxes_of
+        from fastprime.trainer.verifiers.code_sandbox import cleanup_sandboxes_of
 
         with contextlib.suppress(OSError):
             self.proc.kill()
@@ -126,7 +126,7 @@ class VerifierPool:
     def _time_limit(self, ability: str, ground_truth) -> float:
         if ability == "math":
             return self.timeout_s
-        from fastprime.trainer.rewards.code_sandbox import MAX_SCORED_TESTS, parse_code_tests
+        from fastprime.trainer.verifiers.code_sandbox import MAX_SCORED_TESTS, parse_code_tests
 
         n = min(len(parse_code_tests(ground_truth).cases), MAX_SCORED_TESTS)
         return self.timeout_s + n * (self.code_test_timeout_s + CODE_TEST_OVERHEAD_S)
