@@ -18,6 +18,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from fastprime.trainer.batch import Batch
+from fastprime.trainer.config import AlgorithmConfig
 from fastprime.trainer.masked_ops import (
     check_group_size,
     check_mask,
@@ -182,51 +184,17 @@ def _stats(
     return stats
 
 
-def gae_advantages(
-    token_rewards: Tensor,
-    values: Tensor,
-    mask: Tensor,
-    *,
-    gamma: float = 1.0,
-    lam: float = 1.0,
-    whiten: bool = True,
-) -> tuple[Tensor, Tensor]:
-    """Generalised advantage estimation for PPO with a critic.
-
-    delta_t = r_t + gamma V_{t+1} - V_t (V = 0 after the last valid token), A_t = delta_t + gamma lam A_{t+1},
-    returns = A + V (the critic's target, before whitening).
-
-    Args:
-        token_rewards: [n, T] rewards (e.g. outcome on the last token plus process rewards).
-        values: [n, T] critic values; padding ignored.
-        mask: [n, T] bool/0-1 valid tokens, right-padded.
-        gamma, lam: discount and GAE lambda, both in [0, 1] (gamma > 0).
-        whiten: whiten the advantages over all valid tokens (unbiased variance, mean left at 0).
-
-    Returns:
-        (advantages [n, T], returns [n, T]), both 0 outside the mask.
-    """
-    if not (0.0 < gamma <= 1.0):
-        raise ValueError(f"gamma = {gamma} must lie in (0, 1]")
-    if not (0.0 <= lam <= 1.0):
-        raise ValueError(f"lam = {lam} must lie in [0, 1]")
-    mask = check_mask(mask)
-    check_token_tensor(token_rewards, mask, "token_rewards")
-    check_token_tensor(values, mask, "values")
-    dtype = torch.promote_types(float_dtype(token_rewards), float_dtype(values))
-    r = torch.where(mask, token_rewards.to(dtype), 0)
-    v = torch.where(mask, values.to(dtype), 0)
-    adv = torch.zeros_like(r)
-    running = torch.zeros_like(r[:, 0])
-    for t in range(r.shape[1] - 1, -1, -1):
-        next_v = v[:, t + 1] if t + 1 < r.shape[1] else torch.zeros_like(running)
-        delta = r[:, t] + gamma * next_v - v[:, t]
-        running = torch.where(mask[:, t], delta + gamma * lam * running, 0)
-        adv[:, t] = running
-    returns = torch.where(mask, adv + v, 0)
-    if whiten:
-        adv = masked_whiten(adv, mask)
-    return adv, returns
+def advantage_phase(
+    batch: Batch, rewards: Tensor | None, device: torch.device, *, config: AlgorithmConfig
+) -> tuple[Advantages, dict[str, float]]:
+    """prime.md step 6: the batch's advantages from its outcome scores and the PRM's token rewards (or None)."""
+    c = config
+    adv = compute_advantages(
+        batch.acc.to(device), rewards, batch.mask.to(device), k=batch.k, estimator=c.estimator,
+        outcome_coef=c.outcome_coef, process_coef=c.process_coef, gamma=c.gamma, whiten=c.whiten,
+        process_loo=c.process_loo,
+    )  # fmt: skip
+    return adv, adv.stats
 
 
-__all__ = ["Advantages", "compute_advantages", "gae_advantages", "ESTIMATORS", "PROCESS_LOO"]
+__all__ = ["Advantages", "advantage_phase", "compute_advantages", "ESTIMATORS", "PROCESS_LOO"]

@@ -23,6 +23,10 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
 
 
+class SetupError(ValueError):
+    """A problem with the run's inputs (config, data, model folder): reported as one line, no traceback."""
+
+
 @dataclass
 class ModelConfig:
     source: Literal["path", "demo"] = "path"

@@ -209,3 +209,32 @@ class PromptStream:
             raise ValueError(f"checkpoint was taken over {d['n']} prompts, this run has {self.n}")
         self.seed, self.shuffle, self.epoch, self.pos = d["seed"], d["shuffle"], d["epoch"], d["pos"]
         self._order = self._make_order()
+
+
+def eval_row(p: Prompt) -> dict:
+    """A held-out prompt as the PRIME/verl row `greedy_accuracy` grades."""
+    return {"prompt": p.messages, "ability": p.ability, "reward_model": {"ground_truth": p.ground_truth}}
+
+
+def load_data(cfg, tok) -> tuple[list[Prompt], list[dict], list[dict], dict]:
+    """(training prompts, held-out rows for greedy evaluation, demo training rows for the warm start, load stats)."""
+    dc = cfg.data
+    if dc.source == "demo":
+        from fastprime.trainer.demo import make_arithmetic_rows
+
+        train_rows = make_arithmetic_rows(dc.demo_train_rows, seed=cfg.train.seed)
+        eval_rows = make_arithmetic_rows(dc.demo_eval_rows, seed=cfg.train.seed, split="test")
+        prompts, stats = build_prompts(
+            train_rows, tok, source="demo task", max_prompt_tokens=dc.max_prompt_tokens, bad_rows=dc.bad_rows
+        )
+        return prompts, eval_rows[: dc.eval_max_rows], train_rows, {"data/too_long": stats.too_long}
+    prompts, stats = load_prompts(
+        dc.train_path, tok, max_prompt_tokens=dc.max_prompt_tokens, bad_rows=dc.bad_rows
+    )
+    eval_rows = []
+    if dc.eval_path:
+        held_out, _ = load_prompts(
+            dc.eval_path, tok, max_prompt_tokens=dc.max_prompt_tokens, bad_rows=dc.bad_rows
+        )
+        eval_rows = [eval_row(p) for p in held_out[: dc.eval_max_rows]]
+    return prompts, eval_rows, [], {"data/bad_rows": stats.bad_rows, "data/too_long": stats.too_long}

@@ -1,20 +1,19 @@
 """PRIME diagnostics the trainer logs each iteration (prime.md "Diagnostics worth logging").
 
 Plain reductions to `dict[str, float]` with "section/name" keys, so the trainer can merge them into one log
-line. The PRM pairwise accuracy lives in process_rewards.py, the advantage stats in `Advantages.stats`, the
-filter pass rate in filtering.py.
+line. The PRM's diagnostics (pairwise accuracy, process rewards by outcome) live in prm.py, the advantage
+stats in `Advantages.stats`, the policy update's in policy.py.
 """
 
 from __future__ import annotations
 
 from torch import Tensor
 
+from fastprime.trainer.batch import Batch
 from fastprime.trainer.masked_ops import (
     check_group_size,
     check_mask,
-    check_token_tensor,
     check_vector,
-    float_dtype,
 )
 
 
@@ -65,33 +64,12 @@ def outcome_stats(acc: Tensor, *, k: int) -> dict[str, float]:
     }
 
 
-def process_reward_stats(rewards: Tensor, mask: Tensor, acc: Tensor) -> dict[str, float]:
-    """Process rewards by outcome: does the implicit PRM give correct responses more reward than wrong ones?
-
-    Args:
-        rewards: [n, T] process token rewards (or the raw log-ratio q); padding ignored.
-        mask: [n, T] bool/0-1 valid tokens, every row non-empty.
-        acc: [n] outcome scores; a response counts as correct when acc >= 0.5.
-
-    Returns:
-        {"process/token_mean", "process/seq_sum_mean", "process/seq_sum_correct_mean",
-        "process/seq_sum_wrong_mean"}; a correct/wrong key is left out when no response falls in that class.
-    """
-    mask = check_mask(mask)
-    check_token_tensor(rewards, mask, "rewards")
-    check_vector(acc, "acc", mask.shape[0])
-    r = rewards.to(float_dtype(rewards)).where(mask, 0)
-    seq = r.sum(dim=1)
-    stats = {
-        "process/token_mean": float(r.sum() / mask.sum()),
-        "process/seq_sum_mean": float(seq.mean()),
-    }
-    correct = acc >= 0.5
-    if correct.any():
-        stats["process/seq_sum_correct_mean"] = float(seq[correct].mean())
-    if (~correct).any():
-        stats["process/seq_sum_wrong_mean"] = float(seq[~correct].mean())
+def batch_stats(batch: Batch) -> dict[str, float]:
+    """What the update trains on, after the filter: responses, tokens, kept accuracy, lengths ("batch/...")."""
+    stats = {"batch/responses": batch.n, "batch/tokens": batch.num_tokens}
+    stats["outcome/acc_kept_mean"] = float(batch.acc.mean())
+    stats.update({f"batch/{k}": v for k, v in response_stats(batch.mask, truncated=batch.truncated).items()})
     return stats
 
 
-__all__ = ["response_stats", "outcome_stats", "process_reward_stats"]
+__all__ = ["response_stats", "outcome_stats", "batch_stats"]

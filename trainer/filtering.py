@@ -62,10 +62,8 @@ def group_filter_mask(
 class RefillBuffer:
     """First-in first-out store of groups that passed the filter beyond the batch size.
 
-    Groups are whatever picklable objects the trainer chooses (e.g. a dict of the prompt, its K responses and
-    scores). `take` returns the oldest first, so no passed group waits more than necessary. With `max_size`
-    the oldest groups are dropped (counted in `dropped`) once the buffer is full: a stale group was sampled by
-    an older policy, so bounding its age bounds how off-policy a batch can get.
+    Groups are whatever picklable objects the trainer chooses (`batch.Group`: the prompt, its K responses and
+    scores). `take` returns the oldest first, so no passed group waits more than necessary.
 
     Typical use per iteration::
 
@@ -77,20 +75,12 @@ class RefillBuffer:
             buffer.add(passed[need:])
     """
 
-    def __init__(self, *, max_size: int | None = None) -> None:
-        if max_size is not None and (not isinstance(max_size, int) or max_size < 0):
-            raise ValueError(f"max_size = {max_size!r} must be None or an integer >= 0")
-        self.max_size = max_size
-        self.dropped = 0
+    def __init__(self) -> None:
         self._groups: deque[Any] = deque()
 
     def add(self, groups: list) -> None:
         """Append groups (oldest first in `groups`) at the back of the queue."""
         self._groups.extend(groups)
-        if self.max_size is not None:
-            while len(self._groups) > self.max_size:
-                self._groups.popleft()
-                self.dropped += 1
 
     def take(self, batch_size: int) -> list:
         """Remove and return up to `batch_size` of the oldest groups (fewer if the buffer holds fewer)."""
@@ -103,25 +93,14 @@ class RefillBuffer:
         return len(self._groups)
 
     def state_dict(self) -> dict:
-        """Checkpointable state: a deep copy of the queued groups (oldest first) and the drop counter."""
-        return {
-            "groups": copy.deepcopy(list(self._groups)),
-            "max_size": self.max_size,
-            "dropped": self.dropped,
-        }
+        """Checkpointable state: a deep copy of the queued groups (oldest first)."""
+        return {"groups": copy.deepcopy(list(self._groups))}
 
     def load_state_dict(self, d: dict) -> None:
         """Restore the state saved by `state_dict` (replaces the current content)."""
         if not isinstance(d, dict) or "groups" not in d:
             raise ValueError(f"not a RefillBuffer state dict: {type(d).__name__} without 'groups'")
-        self.max_size = d.get("max_size", self.max_size)
-        self.dropped = int(d.get("dropped", 0))
         self._groups = deque(copy.deepcopy(list(d["groups"])))
 
 
-def filter_pass_rate(keep: Tensor) -> float:
-    """Fraction of groups that passed the filter; keep [n_groups] bool. 0.0 for an empty tensor."""
-    return float(keep.float().mean()) if keep.numel() else 0.0
-
-
-__all__ = ["group_filter_mask", "RefillBuffer", "filter_pass_rate"]
+__all__ = ["group_filter_mask", "RefillBuffer"]

@@ -1,4 +1,5 @@
-"""Run outputs: metrics.jsonl (one JSON object per iteration), a tqdm bar, optional TensorBoard / W&B, a PNG.
+"""Run outputs: the metrics record of each iteration, metrics.jsonl (one JSON object per iteration), a tqdm
+bar, optional TensorBoard / W&B, a PNG.
 
 Only rank 0 writes; other ranks get a logger whose calls do nothing. Non-finite numbers are written as null
 so that every line stays valid JSON.
@@ -11,6 +12,8 @@ import math
 import pathlib
 import time
 from typing import Any
+
+import torch
 
 PLOTTED = (
     ("outcome/acc_mean", "training accuracy (all rollouts)"),
@@ -26,6 +29,65 @@ BAR_KEYS = (
     ("prm/loss", "prm"),
     ("time/iteration_s", "s/it"),
 )
+
+
+class Timer:
+    """Accumulates wall time per phase into `time/<phase>_s` (synchronising the GPU at both ends)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.times = device, {}
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def __call__(self, phase: str):
+        timer = self
+
+        class _Span:
+            def __enter__(self):
+                timer._sync()
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer._sync()
+                key = f"time/{phase}_s"
+                timer.times[key] = timer.times.get(key, 0.0) + time.perf_counter() - self.t0
+
+        return _Span()
+
+
+def initial_record(data_stats: dict, eval_acc: float | None, warm, eval_seconds: float) -> dict[str, Any]:
+    """The step-0 line: data loading counts, the warm start's result and the first held-out accuracy."""
+    record = {"step": 0, **data_stats, "time/eval_s": eval_seconds}
+    if eval_acc is not None:
+        record["eval/acc"] = eval_acc
+    if warm is not None:
+        record.update(
+            {"warmstart/steps": warm.steps, "warmstart/acc": warm.acc, "warmstart/seconds": warm.seconds}
+        )
+    return record
+
+
+def iteration_record(
+    step: int, phase_stats: list[dict], times: dict[str, float], *, batch_tokens: int | None,
+    policy_epochs: int, skipped_total: int,
+) -> dict[str, Any]:  # fmt: skip
+    """One iteration's line: every phase's stats, tokens/s of the timed phases, the skipped-step counter.
+
+    batch_tokens: tokens of the trained batch per pass (None when no batch was trained)."""
+    record: dict[str, Any] = {"step": step}
+    for stats in phase_stats:
+        record.update(stats)
+    per_s = lambda tokens, phase: tokens / max(times.get(f"time/{phase}_s", 0.0), 1e-9)
+    if batch_tokens is not None:
+        if "time/prm_s" in times:
+            record["perf/prm_tokens_per_s"] = per_s(batch_tokens, "prm")
+        record["perf/policy_tokens_per_s"] = per_s(batch_tokens * policy_epochs, "policy")
+        record["perf/logprob_tokens_per_s"] = per_s(batch_tokens, "logprob_old")
+    record["perf/rollout_tokens_per_s"] = per_s(record["rollout/tokens"], "rollout")
+    record["train/skipped_steps_total"] = skipped_total
+    return record
 
 
 def _clean(v: Any) -> Any:

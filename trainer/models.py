@@ -11,6 +11,7 @@ gradient reduce, on CPU fp32 throughout. With one process it is the same code ov
 
 from __future__ import annotations
 
+import copy
 import datetime
 import os
 import socket
@@ -24,6 +25,8 @@ from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from fastprime.trainer.config import Config, SetupError
 
 # The fused heads return per-token tensors that are views (a reshape of the kernel output); nothing modifies
 # them in place, which is the case this FSDP2 warning is about.
@@ -127,3 +130,61 @@ def full_state_dict(model: HeadlessLM) -> dict[str, Tensor]:
 def count_parameters(model: nn.Module) -> int:
     """Number of parameters (global, not per shard)."""
     return sum(p.numel() for p in model.parameters())
+
+
+def load_tokenizer_and_model(cfg: Config):
+    """(tokenizer, fp32 HF causal LM) of the policy's starting point: the demo's, or from a local folder."""
+    if cfg.model.source == "demo":
+        from fastprime.trainer.demo import build_tiny_model, build_tokenizer
+
+        tok = build_tokenizer()
+        return tok, build_tiny_model(tok, seed=cfg.train.seed)
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path or cfg.model.path, local_files_only=True)
+        lm = load_causal_lm(cfg.model.path, attn_implementation=cfg.model.attn_implementation)
+    except (OSError, ValueError, ImportError) as e:
+        raise SetupError(f"cannot load model.path={cfg.model.path!r}: {e}") from None
+    if tok.eos_token_id is None:
+        raise SetupError(f"tokenizer of {cfg.model.path!r} has no eos_token: generation could never stop")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"  # batched greedy evaluation continues each prompt from its last token
+    return tok, lm
+
+
+def broadcast_weights(lm: nn.Module, device: torch.device) -> None:
+    """Make every rank's copy equal rank 0's (after a warm start that ran on rank 0 only)."""
+    if dist.get_world_size() == 1:
+        return
+    for t in lm.state_dict().values():
+        buf = t.to(device)
+        dist.broadcast(buf, src=0)
+        t.copy_(buf)
+
+
+def build_models(cfg: Config, lm: nn.Module, device: torch.device) -> dict[str, nn.Module]:
+    """The sharded policy (from `lm`), PRM and frozen reference; the PRM and reference only where used.
+
+    The PRM starts from `model.prm_path`, or else (PRIME's default) from the policy's starting weights."""
+    use_prm = cfg.algorithm.process_coef != 0
+    use_ref = use_prm or cfg.policy.kl_coef > 0
+    shard = dict(device=device, mixed_precision=cfg.model.mixed_precision)
+    ckpt = cfg.model.activation_checkpointing
+    prm_lm = None
+    if use_prm and cfg.model.prm_path:
+        try:
+            prm_lm = load_causal_lm(cfg.model.prm_path, attn_implementation=cfg.model.attn_implementation)
+        except (OSError, ValueError, ImportError) as e:
+            raise SetupError(f"cannot load model.prm_path={cfg.model.prm_path!r}: {e}") from None
+    elif use_prm:
+        prm_lm = copy.deepcopy(lm)
+    models = {}
+    if use_ref:
+        models["ref"] = shard_model(copy.deepcopy(lm), trainable=False, **shard)
+    if use_prm:
+        trainable = cfg.prm.update != "none"
+        models["prm"] = shard_model(prm_lm, trainable=trainable, activation_checkpointing=ckpt, **shard)
+    models["policy"] = shard_model(lm, trainable=True, activation_checkpointing=ckpt, **shard)
+    return models

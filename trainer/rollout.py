@@ -1,8 +1,11 @@
-"""Rollout engines: sample K responses per prompt with the current policy.
+"""Rollout, verification and filtering, prime.md steps 1-3: the engines and the collection of one batch.
 
-The interface is two calls, so that an in-process vLLM engine (a later issue) can slot in beside `hf`:
+An engine has two calls, so that an in-process vLLM engine can slot in beside `hf` (in `build_rollout_engine`):
 `generate(prompts, n=K, seed=...)` and `sync_weights(state_dict)` (the trainer pushes the policy's full
 weights after every update). Log-probs are never taken from the engine: the trainer recomputes them.
+
+Every rank samples its share of the prompts and all ranks then hold every group (token ids and scores are
+all-gathered), so filtering, the refill buffer and the advantages are identical everywhere.
 """
 
 from __future__ import annotations
@@ -12,7 +15,15 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+
+from fastprime.trainer.batch import Group
+from fastprime.trainer.config import Config
+from fastprime.trainer.data import Prompt, PromptStream
+from fastprime.trainer.diagnostics import outcome_stats
+from fastprime.trainer.filtering import RefillBuffer, group_filter_mask
+from fastprime.trainer.passes import Dist
 
 
 @dataclass
@@ -115,3 +126,131 @@ class HFRolloutEngine:
             raise ValueError(
                 f"weight sync mismatch: missing {sorted(missing)}, unexpected {sorted(unexpected)}"
             )
+
+
+def eos_token_ids(tok, lm) -> list[int]:
+    """The tokenizer's EOS plus any the model's generation config lists (chat models often have two)."""
+    ids = [tok.eos_token_id]
+    extra = getattr(getattr(lm, "generation_config", None), "eos_token_id", None)
+    ids += extra if isinstance(extra, list) else [extra] if extra is not None else []
+    return sorted(set(ids))
+
+
+def build_rollout_engine(cfg: Config, model: nn.Module, tok, device: torch.device) -> RolloutEngine:
+    """The engine `rollout.backend` names, over a copy of `model`'s current weights."""
+    rc = cfg.rollout
+    if rc.backend != "hf":
+        raise ValueError(f"rollout.backend={rc.backend!r} is not available (only 'hf')")
+    return HFRolloutEngine(
+        model, eos_token_ids=eos_token_ids(tok, model), pad_token_id=tok.pad_token_id, temperature=rc.temperature,
+        top_p=rc.top_p, max_new_tokens=rc.max_new_tokens, prompts_per_generate=rc.prompts_per_generate, device=device,
+    )  # fmt: skip
+
+
+def generation_seed(seed: int, step: int, round_: int, rank: int) -> int:
+    """Sampling seed of one rollout round: a function of the position in the run, so resume replays it."""
+    return (((seed * 1_000_003 + step) * 131 + round_) * 257 + rank) % (2**62)
+
+
+def rollout_round(
+    engine, pool, prompts: list[Prompt], idx: list[int], *, k: int, seed: int, d: Dist, timer, tok
+) -> tuple[list[Group], dict[str, int]]:
+    """Sample k responses for each prompt in idx (split over ranks) and verify them.
+
+    Returns every rank the same (groups in idx order, verifier failure counts summed over ranks)."""
+    mine = idx[d.rank :: d.world]
+    with timer("rollout"):
+        rollouts = engine.generate([prompts[i].prompt_ids for i in mine], n=k, seed=seed) if mine else []
+    with timer("verify"):
+        items = [
+            {
+                "ability": prompts[i].ability,
+                "response": tok.decode(r.response_ids, skip_special_tokens=True),
+                "ground_truth": prompts[i].ground_truth,
+            }
+            for j, i in enumerate(mine)
+            for r in rollouts[j * k : (j + 1) * k]
+        ]
+        result = pool.score(items) if items else None
+    local = [
+        Group(
+            prompt=i,
+            responses=[r.response_ids for r in rollouts[j * k : (j + 1) * k]],
+            truncated=[r.truncated for r in rollouts[j * k : (j + 1) * k]],
+            acc=[float(s) for s in result.scores[j * k : (j + 1) * k]],
+        )
+        for j, i in enumerate(mine)
+    ]
+    failures = dict(result.failures) if result is not None else {}
+    gathered = [None] * d.world
+    dist.all_gather_object(gathered, (local, failures))
+    by_prompt, total_failures = {}, {}
+    for groups, fails in gathered:
+        for g in groups:
+            by_prompt[g.prompt] = g
+        for kind, count in fails.items():
+            total_failures[kind] = total_failures.get(kind, 0) + count
+    return [by_prompt[i] for i in idx], total_failures
+
+
+def collect_batch(
+    engine, pool, prompts: list[Prompt], stream: PromptStream, buffer: RefillBuffer, cfg: Config, step: int,
+    d: Dist, timer, tok,
+) -> tuple[list[Group], dict[str, float]]:  # fmt: skip
+    """Groups for this iteration: refill buffer first, then rollout rounds until B groups pass or max_rounds."""
+    B, k, f = cfg.train.batch_size, cfg.rollout.n_samples, cfg.filter
+    groups = buffer.take(B)
+    from_buffer = len(groups)
+    all_acc, all_trunc, all_len, failures, rounds, seen, passed = [], [], [], {}, 0, 0, 0
+    while len(groups) < B and rounds < f.max_rounds:
+        rounds += 1
+        new, new_failures = rollout_round(
+            engine, pool, prompts, stream.take(B), k=k, seed=generation_seed(cfg.train.seed, step, rounds, d.rank),
+            d=d, timer=timer, tok=tok,
+        )  # fmt: skip
+        with timer("filter"):
+            acc = torch.tensor([a for g in new for a in g.acc])
+            trunc = torch.tensor([t for g in new for t in g.truncated])
+            all_acc.append(acc)
+            all_trunc.append(trunc)
+            all_len += [len(r) for g in new for r in g.responses]
+            for kind, c in new_failures.items():
+                failures[kind] = failures.get(kind, 0) + c
+            if f.enabled:
+                keep = group_filter_mask(
+                    acc, k=k, lo=f.lo, hi=f.hi, truncated=trunc, drop_truncated=f.drop_truncated
+                )
+            else:
+                keep = torch.ones(len(new), dtype=torch.bool)
+            ok = [g for g, kp in zip(new, keep.tolist()) if kp]
+            seen, passed = seen + len(new), passed + len(ok)
+            need = B - len(groups)
+            groups += ok[:need]
+            buffer.add(ok[need:])
+    stats = {
+        "filter/pass_rate": passed / max(seen, 1),
+        "filter/rounds": rounds,
+        "filter/from_buffer": from_buffer,
+        "filter/buffer_size": len(buffer),
+        "filter/missing_groups": B - len(groups),
+        "rollout/responses": len(all_len),
+        "rollout/tokens": sum(all_len),
+        "verify/failures": sum(failures.values()),
+        **{f"verify/failures_{kind}": c for kind, c in failures.items()},
+    }
+    if all_len:  # no rollout at all when the refill buffer alone filled the batch
+        stats.update(_rollout_stats(torch.cat(all_acc), torch.cat(all_trunc), all_len, k))
+    if len(groups) < B:
+        stats["filter/max_rounds_hit"] = 1
+    return groups, stats
+
+
+def _rollout_stats(acc: Tensor, trunc: Tensor, lengths: list[int], k: int) -> dict[str, float]:
+    """Every rollout of the iteration, before the filter: outcome scores, response lengths, truncation."""
+    lens = torch.tensor(lengths, dtype=torch.float64)
+    return {
+        **outcome_stats(acc, k=k),
+        "response/length_mean": float(lens.mean()),
+        "response/length_max": float(lens.max()),
+        "response/truncation_rate": float(trunc.float().mean()),
+    }

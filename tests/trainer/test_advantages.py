@@ -1,4 +1,4 @@
-"""Advantage estimators with two reward sources, and GAE: every expected number is worked out by hand.
+"""Advantage estimators with two reward sources: every expected number is worked out by hand.
 
 Tensors are fp64 so the comparisons can be tight; padding holds NaN wherever an input may carry garbage.
 """
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from fastprime.trainer.algorithms import compute_advantages, gae_advantages
+from fastprime.trainer.advantages import compute_advantages
 
 NAN = float("nan")
 
@@ -204,42 +204,3 @@ def test_fp32_and_bool_int_masks():
 def test_advantages_errors(args, kwargs, match):
     with pytest.raises(ValueError, match=match):
         compute_advantages(*args, **kwargs)
-
-
-# GAE, 3 steps: r [0, 0, 1], V [.5, .6, .7], gamma .9, lam .8 (gamma * lam = .72)
-#   deltas: d2 = 1 - .7 = .3, d1 = .9 * .7 - .6 = .03, d0 = .9 * .6 - .5 = .04
-#   A2 = .3, A1 = .03 + .72 * .3 = .246, A0 = .04 + .72 * .246 = .21712; returns = A + V
-# row 1 has 2 valid steps, NaN padding: r [1, -1], V [.2, .1]
-#   d1 = -1 - .1 = -1.1, d0 = 1 + .9 * .1 - .2 = .89; A1 = -1.1, A0 = .89 - .72 * 1.1 = .098
-GAE_R = t64([[0, 0, 1], [1, -1, NAN]])
-GAE_V = t64([[0.5, 0.6, 0.7], [0.2, 0.1, NAN]])
-GAE_MASK = lengths_mask([3, 2], 3)
-
-
-def test_gae_hand_computed():
-    adv, ret = gae_advantages(GAE_R, GAE_V, GAE_MASK, gamma=0.9, lam=0.8, whiten=False)
-    close(adv, [[0.21712, 0.246, 0.3], [0.098, -1.1, 0]])
-    close(ret, [[0.71712, 0.846, 1.0], [0.298, -1.0, 0]])
-
-
-def test_gae_gamma_lam_one_is_return_minus_value():
-    adv, ret = gae_advantages(GAE_R, GAE_V, GAE_MASK, whiten=False)
-    close(adv, [[0.5, 0.4, 0.3], [-0.2, -1.1, 0]])
-    close(ret, [[1, 1, 1], [0, -1, 0]])
-
-
-def test_gae_whitened():
-    adv, _ = gae_advantages(GAE_R, GAE_V, GAE_MASK, gamma=0.9, lam=0.8)
-    vals = [0.21712, 0.246, 0.3, 0.098, -1.1]
-    mean = sum(vals) / 5
-    s = math.sqrt(sum((v - mean) ** 2 for v in vals) / 4 + 1e-8)
-    close(adv, [[(v - mean) / s for v in vals[:3]], [(vals[3] - mean) / s, (vals[4] - mean) / s, 0]])
-
-
-def test_gae_errors():
-    with pytest.raises(ValueError, match="values has shape"):
-        gae_advantages(GAE_R, GAE_V[:, :2], GAE_MASK)
-    with pytest.raises(ValueError, match="lam = 1.5"):
-        gae_advantages(GAE_R, GAE_V, GAE_MASK, lam=1.5)
-    with pytest.raises(ValueError, match="values\\[0, 0\\] = nan"):
-        gae_advantages(GAE_R, t64([[NAN, 0, 0], [0, 0, 0]]), GAE_MASK)

@@ -5,9 +5,17 @@ import math
 import torch
 from torch import nn
 
-from fastprime.trainer.algorithms import RefillBuffer
-from fastprime.trainer.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from fastprime.trainer.checkpoint import (
+    ModelState,
+    OptimizerState,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
+from fastprime.trainer.filtering import RefillBuffer
 from fastprime.trainer.passes import clip_and_step
+from fastprime.trainer.train import TrainState
 
 
 def _model_and_opt(seed: int):
@@ -29,10 +37,9 @@ def test_round_trip_is_exact_and_atomic(tmp_path):
     buf = RefillBuffer()
     buf.add([{"prompt": 3, "responses": [[1, 2]], "acc": [1.0]}])
     (tmp_path / "ck" / "step_00000007.tmp").mkdir(parents=True)  # an interrupted write: never a checkpoint
-    trainer_state = {"buffer": buf.state_dict(), "step": 5}
-    save_checkpoint(
-        tmp_path / "ck", 5, models={"m": m}, optimizers={"m": (m, opt)}, trainer_state=trainer_state
-    )
+    state = TrainState(step=5, skipped_steps=2, initial_eval=0.25)
+    components = {"model.m": ModelState(m), "optim.m": OptimizerState(m, opt), "buffer": buf, "state": state}
+    save_checkpoint(tmp_path / "ck", 5, components)
     assert latest_checkpoint(tmp_path / "ck").name == "step_00000005"
     next_rand = torch.rand(3)
     x = torch.randn(5, 4)
@@ -40,11 +47,16 @@ def test_round_trip_is_exact_and_atomic(tmp_path):
     opt.step()
 
     m2, opt2 = _model_and_opt(1)  # different weights, fresh optimizer
-    state = load_checkpoint(tmp_path / "ck" / "step_00000005", models={"m": m2}, optimizers={"m": (m2, opt2)})
+    buf2, state2 = RefillBuffer(), TrainState()
+    components2 = {
+        "model.m": ModelState(m2),
+        "optim.m": OptimizerState(m2, opt2),
+        "buffer": buf2,
+        "state": state2,
+    }
+    load_checkpoint(tmp_path / "ck" / "step_00000005", components2)
     assert torch.equal(torch.rand(3), next_rand), "RNG state not restored"
-    assert state["step"] == 5
-    buf2 = RefillBuffer()
-    buf2.load_state_dict(state["buffer"])
+    assert state2 == state
     assert buf2.take(5) == [{"prompt": 3, "responses": [[1, 2]], "acc": [1.0]}]
     m2(x).square().mean().backward()  # the resumed next step: bitwise equal only if Adam's moments came back
     opt2.step()
@@ -55,7 +67,7 @@ def test_round_trip_is_exact_and_atomic(tmp_path):
 def test_keep_prunes_oldest(tmp_path):
     m, opt = _model_and_opt(0)
     for step in (1, 2, 3):
-        save_checkpoint(tmp_path, step, models={"m": m}, optimizers={"m": (m, opt)}, trainer_state={}, keep=2)
+        save_checkpoint(tmp_path, step, {"model.m": ModelState(m), "optim.m": OptimizerState(m, opt)}, keep=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000002", "step_00000003"]
 
 

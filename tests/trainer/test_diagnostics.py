@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fastprime.trainer.algorithms import outcome_stats, process_reward_stats, response_stats
+from fastprime.trainer.diagnostics import outcome_stats, response_stats
 
 NAN = float("nan")
 
@@ -33,22 +33,3 @@ def test_outcome_stats():
     }
     with pytest.raises(ValueError, match="n = 16"):
         outcome_stats(acc, k=3)
-
-
-def test_process_reward_stats():
-    rewards = torch.tensor([[1.0, 2.0, NAN], [-1.0, NAN, NAN], [0.5, 0.5, 2.0]])
-    mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1]])
-    stats = process_reward_stats(rewards, mask, torch.tensor([1.0, 0.0, 0.6]))
-    # sums per response 3, -1, 3; six valid tokens summing to 5
-    assert stats == pytest.approx(
-        {
-            "process/token_mean": 5 / 6,
-            "process/seq_sum_mean": 5 / 3,
-            "process/seq_sum_correct_mean": 3.0,
-            "process/seq_sum_wrong_mean": -1.0,
-        }
-    )
-    only_wrong = process_reward_stats(rewards, mask, torch.zeros(3))
-    assert "process/seq_sum_correct_mean" not in only_wrong
-    with pytest.raises(ValueError, match="acc has 2 entries"):
-        process_reward_stats(rewards, mask, torch.zeros(2))

@@ -5,7 +5,7 @@ import pickle
 import pytest
 import torch
 
-from fastprime.trainer.algorithms import RefillBuffer, filter_pass_rate, group_filter_mask
+from fastprime.trainer.filtering import RefillBuffer, group_filter_mask
 
 
 def test_bounds_inclusive_k4():
@@ -56,11 +56,6 @@ def test_filter_errors(kwargs, match):
         group_filter_mask(acc, **kwargs)
 
 
-def test_pass_rate():
-    assert filter_pass_rate(torch.tensor([True, False, True, True])) == 0.75
-    assert filter_pass_rate(torch.zeros(0, dtype=torch.bool)) == 0.0
-
-
 def test_refill_buffer_fifo_order():
     buf = RefillBuffer()
     buf.add(["a", "b", "c"])
@@ -74,7 +69,7 @@ def test_refill_buffer_fifo_order():
 
 
 def test_refill_buffer_state_dict_round_trip():
-    buf = RefillBuffer(max_size=10)
+    buf = RefillBuffer()
     groups = [
         {"prompt": "p1", "acc": [1.0, 0.0]},
         {"prompt": "p2", "acc": [0.0, 1.0]},
@@ -86,25 +81,12 @@ def test_refill_buffer_state_dict_round_trip():
     groups[1]["acc"].append(9.0)  # later mutation of the trainer's objects must not leak into the checkpoint
     restored = RefillBuffer()
     restored.load_state_dict(state)
-    assert len(restored) == 2 and restored.max_size == 10
+    assert len(restored) == 2
     assert restored.take(5) == [{"prompt": "p2", "acc": [0.0, 1.0]}, {"prompt": "p3", "acc": []}]
-
-
-def test_refill_buffer_max_size_drops_oldest():
-    buf = RefillBuffer(max_size=2)
-    buf.add([1, 2, 3])
-    buf.add([4])
-    assert buf.dropped == 2
-    assert buf.take(10) == [3, 4]
-    restored = RefillBuffer()
-    restored.load_state_dict(buf.state_dict())
-    assert restored.dropped == 2
 
 
 def test_refill_buffer_errors():
     with pytest.raises(ValueError, match="batch_size = -1"):
         RefillBuffer().take(-1)
-    with pytest.raises(ValueError, match="max_size = -2"):
-        RefillBuffer(max_size=-2)
     with pytest.raises(ValueError, match="groups"):
         RefillBuffer().load_state_dict({"items": []})

@@ -1,0 +1,126 @@
+"""PRIME's policy update, prime.md step 7: the PPO clipped surrogate over packed micro-batches.
+
+`ratio = exp(logp - logp_old)`, `L = -min(ratio A, clip(ratio, 1 - clip_low, 1 + clip_high) A)` with optional
+dual clip, k3 KL to the reference and entropy bonus, all inside the fused `linear_ppo_loss`; the per-token
+weights of `aggregation_weights` make the accumulated gradient that of one big mini-batch (see passes.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from fastprime.kernels import aggregation_weights, linear_ppo_loss
+from fastprime.trainer.batch import Batch
+from fastprime.trainer.config import PolicyConfig
+from fastprime.trainer.passes import Dist, LogProbs, all_sum, chunks, clip_and_step, micro_batches
+
+
+@dataclass
+class PolicyResult:
+    loss: float
+    grad_norm: float
+    skipped: int
+    steps: int
+    tokens: int
+    stats: dict[
+        str, float
+    ]  # clip fractions, approx KL, entropy, ratio, KL to reference (token-weighted means)
+
+
+def policy_pass(
+    policy: nn.Module,
+    opt: torch.optim.Optimizer,
+    batch: Batch,
+    old_logp: Tensor,
+    advantages: Tensor,
+    d: Dist,
+    *,
+    ref_logp: Tensor | None,
+    mini_batches: int,
+    epochs: int,
+    loss_agg: str,
+    clip_low: float,
+    clip_high: float,
+    dual_clip: float | None,
+    kl_coef: float,
+    entropy_coef: float,
+    temperature: float,
+    max_norm: float,
+) -> PolicyResult:
+    """PPO clipped-surrogate update: `epochs` passes over the batch in `mini_batches` optimizer steps."""
+    lengths = [len(r) for r in batch.responses]
+    names = ("clip_frac_low", "clip_frac_high", "dual_clip_frac", "approx_kl", "entropy", "ratio", "kl_ref")
+    sums = torch.zeros(
+        len(names) + 1, dtype=torch.float64, device=d.device
+    )  # token-weighted sums + token count
+    losses, norms, skipped, tokens, steps = [], [], 0, 0, 0
+    for _ in range(epochs):
+        for seqs in chunks(batch.n, mini_batches):
+            if loss_agg == "token-mean":
+                norm_kw = {"num_tokens": sum(lengths[i] for i in seqs)}
+            else:
+                norm_kw = {"num_seqs": len(seqs)}
+            total = torch.zeros((), device=d.device)
+            for mb in micro_batches(batch, seqs, d):
+                w = aggregation_weights(mb.response_mask, mb.seq_ids, loss_agg, **norm_kw)
+                w = w * (0.0 if mb.filler else float(d.world))
+                old, adv = mb.from_padded(old_logp), mb.from_padded(advantages)
+                ref = mb.from_padded(ref_logp) if ref_logp is not None else None
+                loss, st = policy(
+                    mb.input_ids,
+                    mb.position_ids,
+                    lambda h, wt, b, mb=mb, w=w, old=old, adv=adv, ref=ref: linear_ppo_loss(
+                        h, wt, mb.targets, old, adv, w,
+                        clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, temperature=temperature,
+                        ref_logp=ref, kl_coef=kl_coef if ref is not None else 0.0, entropy_coef=entropy_coef, bias=b,
+                    ),
+                )  # fmt: skip
+                loss.backward()
+                total += loss.detach()  # loss and stats stay on the device: one host sync per mini-batch
+                if not mb.filler:
+                    n_tok = mb.response_mask.sum().to(torch.float64)
+                    sums += (
+                        torch.stack([getattr(st, k).to(torch.float64) for k in names] + [sums.new_ones(())])
+                        * n_tok
+                    )
+                    tokens += mb.num_tokens
+            total = float(all_sum(total)) / d.world
+            losses.append(total)
+            norm, skip = clip_and_step(policy, opt, max_norm=max_norm, loss=total)
+            norms.append(norm)
+            skipped += skip
+            steps += 1
+    sums = all_sum(sums)
+    stats = {k: float(sums[i] / sums[-1].clamp(min=1)) for i, k in enumerate(names)}
+    return PolicyResult(
+        loss=sum(losses) / len(losses),
+        grad_norm=sum(norms) / len(norms),
+        skipped=skipped,
+        steps=steps,
+        tokens=tokens,
+        stats=stats,
+    )
+
+
+def policy_phase(
+    policy: nn.Module, opt: torch.optim.Optimizer, batch: Batch, logprobs: LogProbs, advantages: Tensor, d: Dist,
+    *, config: PolicyConfig, temperature: float,
+) -> tuple[PolicyResult, dict[str, float]]:  # fmt: skip
+    """prime.md step 7: `config.epochs` PPO passes over the batch, `config.mini_batches` optimizer steps each."""
+    c = config
+    res = policy_pass(
+        policy, opt, batch, logprobs.old, advantages, d, ref_logp=logprobs.ref, mini_batches=c.mini_batches,
+        epochs=c.epochs, loss_agg=c.loss_agg, clip_low=c.clip_low, clip_high=c.clip_high, dual_clip=c.dual_clip,
+        kl_coef=c.kl_coef, entropy_coef=c.entropy_coef, temperature=temperature, max_norm=c.grad_clip,
+    )  # fmt: skip
+    stats = {
+        "policy/loss": res.loss,
+        "policy/grad_norm": res.grad_norm,
+        "policy/skipped_steps": res.skipped,
+        "policy/clip_frac": res.stats["clip_frac_low"] + res.stats["clip_frac_high"],
+        **{f"policy/{k}": v for k, v in res.stats.items()},
+    }
+    return res, stats
