@@ -17,8 +17,6 @@ from typing import Any, Literal
 import tyro
 import yaml
 
-from fastprime.trainer.warmstart import WarmStartConfig
-
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
 
@@ -43,8 +41,6 @@ class ModelConfig:
     """Recompute each decoder block's activations in the backward pass (saves memory, costs ~1/3 more compute)."""
     mixed_precision: bool = True
     """On GPU: bf16 compute over fp32 master weights with fp32 gradient reduce. CPU always runs fp32."""
-    warm_start: bool = True
-    """Demo only: supervised warm start on the task's worked solutions before RL (settings in `warmstart`)."""
 
 
 @dataclass
@@ -53,8 +49,6 @@ class DataConfig:
     """'file': prompts from `train_path`/`eval_path`; 'demo': the built-in synthetic arithmetic task."""
     train_path: str = ""
     """Training prompts: a .jsonl or .parquet file (PRIME/verl rows or {prompt, ground_truth} rows)."""
-    eval_path: str = ""
-    """Held-out prompts for greedy evaluation (same formats); empty = no evaluation."""
     demo_train_rows: int = 2000
     """Demo only: number of synthetic training rows."""
     demo_eval_rows: int = 200
@@ -65,8 +59,6 @@ class DataConfig:
     """A malformed row: 'error' stops with a message naming file and row; 'skip' drops it and counts it."""
     shuffle: bool = True
     """Reshuffle the training prompts every epoch (seeded, so resume replays the same order)."""
-    eval_max_rows: int = 500
-    """At most this many held-out rows are evaluated."""
 
 
 @dataclass
@@ -170,6 +162,58 @@ class AlgorithmConfig:
 
 
 @dataclass
+class WarmStartConfig:
+    """Demo only: supervised warm start on the rows' worked solutions (`extra_info.solution`) before RL."""
+
+    enabled: bool = True
+    """Run the warm start (demo model and data only; a real run starts from its SFT checkpoint)."""
+
+    lr: float = 2e-3
+    """AdamW learning rate after a linear warmup."""
+    warmup_steps: int = 20
+    """Steps of linear learning-rate warmup from 0."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    batch_size: int = 64
+    """Sequences (prompt + solution + EOS) per optimizer step."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 disables)."""
+    max_steps: int = 3000
+    """Guard: stop after this many optimizer steps even if accuracy never entered the window."""
+    max_seconds: float = 400.0
+    """Guard: stop once this much wall time has passed (checked after each step)."""
+    eval_every: int = 25
+    """Measure held-out greedy accuracy every this many steps."""
+    target_acc_lo: float = 0.2
+    """Stop at the first evaluation whose accuracy is >= this."""
+    target_acc_hi: float = 0.45
+    """Upper edge of the window; an evaluation that jumps past it still stops, and is logged as an overshoot."""
+    max_new_tokens: int = 64
+    """Greedy decoding budget of the evaluations (the demo's longest solution is ~53 tokens with EOS)."""
+    eval_batch_size: int = 256
+    """Prompts per `generate` call in the evaluations."""
+    seed: int = 0
+    """Seed of the training-row order."""
+
+
+@dataclass
+class EvalConfig:
+    """Held-out greedy evaluation: after the warm start, every `every` iterations and at the end."""
+
+    path: str = ""
+    """Held-out prompts (.jsonl or .parquet, same formats as data.train_path); empty = no evaluation. The demo
+    evaluates on its own held-out rows (data.demo_eval_rows)."""
+    max_rows: int = 500
+    """At most this many held-out rows are evaluated."""
+    every: int = 10
+    """Evaluate every this many iterations (and after warm start and at the end); 0 = only at the ends."""
+    max_new_tokens: int = 3072
+    """Response length limit of the greedy evaluation."""
+    batch_size: int = 64
+    """Prompts per generate call in the evaluation."""
+
+
+@dataclass
 class TrainConfig:
     iterations: int = 592
     """RL iterations."""
@@ -181,12 +225,6 @@ class TrainConfig:
     model on CPU, 4002 tokens fwd+bwd took 0.35 s at 512 and 1.12 s at 4096)."""
     seed: int = 0
     """Seed of everything: model init, data order, sampling."""
-    eval_every: int = 10
-    """Greedy evaluation every this many iterations (and after warm start and at the end); 0 = only at the ends."""
-    eval_max_new_tokens: int = 3072
-    """Response length limit of the greedy evaluation."""
-    eval_batch_size: int = 64
-    """Prompts per generate call in the evaluation."""
 
 
 @dataclass
@@ -228,6 +266,7 @@ class Config:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     warmstart: WarmStartConfig = field(default_factory=WarmStartConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
@@ -255,13 +294,9 @@ def validate(cfg: Config) -> Config:
             bool(cfg.data.train_path),
             "data.train_path is empty: name a .jsonl/.parquet file or set data.source=demo",
         )
-        for key in ("train_path", "eval_path"):
-            p = getattr(cfg.data, key)
-            need(not p or pathlib.Path(p).is_file(), f"data.{key}={p!r} does not exist")
-            need(
-                not p or p.endswith((".jsonl", ".parquet")),
-                f"data.{key}={p!r} must end in .jsonl or .parquet",
-            )
+        for key, p in (("data.train_path", cfg.data.train_path), ("eval.path", cfg.eval.path)):
+            need(not p or pathlib.Path(p).is_file(), f"{key}={p!r} does not exist")
+            need(not p or p.endswith((".jsonl", ".parquet")), f"{key}={p!r} must end in .jsonl or .parquet")
     need(cfg.data.demo_train_rows > 0, f"data.demo_train_rows={cfg.data.demo_train_rows} must be > 0")
     need(cfg.data.max_prompt_tokens > 0, f"data.max_prompt_tokens={cfg.data.max_prompt_tokens} must be > 0")
     need(
@@ -313,7 +348,8 @@ def validate(cfg: Config) -> Config:
         f"train.micro_batch_tokens={cfg.train.micro_batch_tokens} is smaller than the longest sequence "
         f"(data.max_prompt_tokens + rollout.max_new_tokens = {longest})",
     )
-    need(cfg.train.eval_every >= 0, f"train.eval_every={cfg.train.eval_every} must be >= 0")
+    need(cfg.eval.every >= 0, f"eval.every={cfg.eval.every} must be >= 0")
+    _validate_warmstart(cfg.warmstart)
     need(cfg.run.checkpoint_every >= 0, f"run.checkpoint_every={cfg.run.checkpoint_every} must be >= 0")
     need(cfg.run.keep_checkpoints >= 1, f"run.keep_checkpoints={cfg.run.keep_checkpoints} must be >= 1")
     need(cfg.run.stop_after >= 0, f"run.stop_after={cfg.run.stop_after} must be >= 0")
@@ -322,6 +358,19 @@ def validate(cfg: Config) -> Config:
         f"run.name={cfg.run.name!r} must be a plain folder name",
     )
     return cfg
+
+
+def _validate_warmstart(w: WarmStartConfig) -> None:
+    if not 0.0 <= w.target_acc_lo <= w.target_acc_hi <= 1.0:
+        raise ValueError(
+            f"warmstart.target_acc_lo={w.target_acc_lo}, warmstart.target_acc_hi={w.target_acc_hi}: "
+            "need 0 <= lo <= hi <= 1"
+        )
+    for key in ("batch_size", "max_steps", "eval_every", "max_new_tokens", "eval_batch_size"):
+        if getattr(w, key) < 1:
+            raise ValueError(f"warmstart.{key}={getattr(w, key)} must be >= 1")
+    if w.lr <= 0:
+        raise ValueError(f"warmstart.lr={w.lr} must be > 0")
 
 
 # ---------------------------------------------------------------------------------------------------------------

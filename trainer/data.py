@@ -227,14 +227,14 @@ def load_data(cfg, tok) -> tuple[list[Prompt], list[dict], list[dict], dict]:
         prompts, stats = build_prompts(
             train_rows, tok, source="demo task", max_prompt_tokens=dc.max_prompt_tokens, bad_rows=dc.bad_rows
         )
-        return prompts, eval_rows[: dc.eval_max_rows], train_rows, {"data/too_long": stats.too_long}
+        return prompts, eval_rows[: cfg.eval.max_rows], train_rows, {"data/too_long": stats.too_long}
     prompts, stats = load_prompts(
         dc.train_path, tok, max_prompt_tokens=dc.max_prompt_tokens, bad_rows=dc.bad_rows
     )
     eval_rows = []
-    if dc.eval_path:
+    if cfg.eval.path:
         held_out, _ = load_prompts(
-            dc.eval_path, tok, max_prompt_tokens=dc.max_prompt_tokens, bad_rows=dc.bad_rows
+            cfg.eval.path, tok, max_prompt_tokens=dc.max_prompt_tokens, bad_rows=dc.bad_rows
         )
-        eval_rows = [eval_row(p) for p in held_out[: dc.eval_max_rows]]
+        eval_rows = [eval_row(p) for p in held_out[: cfg.eval.max_rows]]
     return prompts, eval_rows, [], {"data/bad_rows": stats.bad_rows, "data/too_long": stats.too_long}

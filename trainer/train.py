@@ -164,7 +164,7 @@ def iteration(t: Trainer, n: int, *, stop: bool) -> dict:
     cfg, t_iter, timer = t.cfg, time.perf_counter(), Timer(t.d.device)
     record = step(t, n, timer)
     t.state.step = n
-    if n == cfg.train.iterations or (cfg.train.eval_every and n % cfg.train.eval_every == 0):
+    if n == cfg.train.iterations or (cfg.eval.every and n % cfg.eval.every == 0):
         with timer("eval"):
             record["eval/acc"] = evaluate(t)
     if stop or (cfg.run.checkpoint_every and n % cfg.run.checkpoint_every == 0):
@@ -184,10 +184,10 @@ def evaluate(t: Trainer) -> float | None:
 
     acc = [None]
     if t.d.rank == 0:
-        tc = t.cfg.train
+        ec = t.cfg.eval
         acc[0] = greedy_accuracy(
-            t.engine.model, t.tok, t.eval_rows, max_new_tokens=tc.eval_max_new_tokens,
-            batch_size=tc.eval_batch_size, verifier=t.pool,
+            t.engine.model, t.tok, t.eval_rows, max_new_tokens=ec.max_new_tokens, batch_size=ec.batch_size,
+            verifier=t.pool,
         )  # fmt: skip
     dist.broadcast_object_list(acc, src=0)
     return acc[0]
@@ -213,7 +213,7 @@ def setup(cfg: Config, d: Dist, pool) -> Trainer:
         save_config(cfg, run_dir / "config.yaml")
     _say(d, f"run folder: {run_dir}  (world size {d.world}, device {d.device})")
     warm = None
-    if cfg.model.source == "demo" and cfg.model.warm_start and resume_from is None:
+    if cfg.model.source == "demo" and cfg.warmstart.enabled and resume_from is None:
         warm = _warm_start(cfg, d, lm, tok, warm_rows, eval_rows, pool)
     engine = build_rollout_engine(cfg, lm, tok, d.device)
     models = build_models(cfg, lm, d.device)

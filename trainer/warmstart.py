@@ -18,6 +18,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fastprime.kernels import linear_logprobs
+from fastprime.trainer.config import WarmStartConfig
 from fastprime.trainer.evaluate import greedy_accuracy
 
 if TYPE_CHECKING:
@@ -25,49 +26,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
-
-
-@dataclass
-class WarmStartConfig:
-    """Supervised warm start on the rows' worked solutions (`extra_info.solution`)."""
-
-    lr: float = 2e-3
-    """AdamW learning rate after a linear warmup."""
-    warmup_steps: int = 20
-    """Steps of linear learning-rate warmup from 0."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    batch_size: int = 64
-    """Sequences (prompt + solution + EOS) per optimizer step."""
-    grad_clip: float = 1.0
-    """Clip the global gradient norm to this value (0 disables)."""
-    max_steps: int = 3000
-    """Guard: stop after this many optimizer steps even if accuracy never entered the window."""
-    max_seconds: float = 400.0
-    """Guard: stop once this much wall time has passed (checked after each step)."""
-    eval_every: int = 25
-    """Measure held-out greedy accuracy every this many steps."""
-    target_acc_lo: float = 0.2
-    """Stop at the first evaluation whose accuracy is >= this."""
-    target_acc_hi: float = 0.45
-    """Upper edge of the window; an evaluation that jumps past it still stops, and is logged as an overshoot."""
-    max_new_tokens: int = 64
-    """Greedy decoding budget of the evaluations (the demo's longest solution is ~53 tokens with EOS)."""
-    eval_batch_size: int = 256
-    """Prompts per `generate` call in the evaluations."""
-    seed: int = 0
-    """Seed of the training-row order."""
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.target_acc_lo <= self.target_acc_hi <= 1.0:
-            raise ValueError(
-                f"need 0 <= target_acc_lo <= target_acc_hi <= 1, got {self.target_acc_lo}, {self.target_acc_hi}"
-            )
-        for name in ("batch_size", "max_steps", "eval_every", "max_new_tokens", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"warm start {name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"warm start lr must be > 0, got {self.lr}")
 
 
 @dataclass

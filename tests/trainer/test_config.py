@@ -125,6 +125,10 @@ def _demo(**sections):
             "data.train_path='/nope.jsonl' does not exist",
         ),
         ({"rollout": {"backend": "vllm"}}, "rollout.backend='vllm' is not available"),
+        ({"eval": {"every": -1}}, "eval.every=-1 must be >= 0"),
+        ({"warmstart": {"target_acc_lo": 0.6, "target_acc_hi": 0.5}}, "warmstart.target_acc_lo=0.6"),
+        ({"warmstart": {"batch_size": 0}}, "warmstart.batch_size=0 must be >= 1"),
+        ({"warmstart": {"lr": 0.0}}, "warmstart.lr=0.0 must be > 0"),
     ],
 )
 def test_cross_checks_name_the_value(sections, message):

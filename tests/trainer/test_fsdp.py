@@ -80,11 +80,11 @@ def test_main_runs_under_torchrun_two_ranks(tmp_path):
 
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(
-        "model: {source: demo, warm_start: false}\n"
+        "model: {source: demo}\nwarmstart: {enabled: false}\n"
         "data: {source: demo, demo_train_rows: 32, demo_eval_rows: 4, max_prompt_tokens: 64}\n"
         "rollout: {n_samples: 4, max_new_tokens: 8}\nfilter: {enabled: false}\nverifier: {workers: 1}\n"
         "prm: {mini_batches: 2}\npolicy: {mini_batches: 2}\n"
-        "train: {iterations: 2, batch_size: 3, micro_batch_tokens: 72, eval_every: 0, eval_max_new_tokens: 8}\n"
+        "train: {iterations: 2, batch_size: 3, micro_batch_tokens: 72}\neval: {every: 0, max_new_tokens: 8}\n"
         "run: {progress: false}\n"
     )
     main = pathlib.Path(__file__).resolve().parents[2] / "trainer" / "main.py"

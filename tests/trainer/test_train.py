@@ -21,14 +21,16 @@ from fastprime.trainer.metrics import read_metrics
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 TINY = """
-model: {source: demo, warm_start: false}
+model: {source: demo}
+warmstart: {enabled: false}
 data: {source: demo, demo_train_rows: 64, demo_eval_rows: 8, max_prompt_tokens: 64}
 rollout: {n_samples: 4, max_new_tokens: 12, prompts_per_generate: 8}
 filter: {enabled: false}
 verifier: {workers: 1, timeout_s: 5.0}
 prm: {lr: 1.0e-3, mini_batches: 2}
 policy: {lr: 1.0e-3, mini_batches: 2}
-train: {iterations: 3, batch_size: 4, micro_batch_tokens: 160, eval_every: 2, eval_max_new_tokens: 12, eval_batch_size: 8}
+eval: {every: 2, max_new_tokens: 12, batch_size: 8}
+train: {iterations: 3, batch_size: 4, micro_batch_tokens: 160}
 run: {checkpoint_every: 0, keep_checkpoints: 5, progress: false}
 """
 PHASES = ("rollout", "verify", "filter", "logprob_old", "logprob_ref", "prm", "advantages", "policy", "sync")
@@ -192,7 +194,7 @@ def test_variants_run_one_iteration(tmp_path, flags, present, absent):
         "variant",
         "--train.iterations",
         "1",
-        "--train.eval-every",
+        "--eval.every",
         "0",
         "--data.demo-eval-rows",
         "0",
@@ -221,7 +223,7 @@ def test_local_model_folder_and_verl_parquet(tmp_path):
     held_out.write_text("".join(json.dumps(r) + "\n" for r in make_arithmetic_rows(4, seed=0, split="test")))
     run = _run(
         tmp_path, "local", "--model.source", "path", "--model.path", str(tmp_path / "model"), "--data.source", "file",
-        "--data.train-path", str(tmp_path / "train.parquet"), "--data.eval-path", str(held_out), "--train.iterations", "1",
+        "--data.train-path", str(tmp_path / "train.parquet"), "--eval.path", str(held_out), "--train.iterations", "1",
     )  # fmt: skip
     records = read_metrics(run / "metrics.jsonl")
     assert [r["step"] for r in records] == [0, 1]

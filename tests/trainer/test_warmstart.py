@@ -4,11 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fastprime.trainer.config import WarmStartConfig
 from fastprime.trainer.demo import build_tiny_model, build_tokenizer, make_arithmetic_rows
 from fastprime.trainer.verifiers import VerifierPool
 from fastprime.trainer.warmstart import (
     IGNORE_INDEX,
-    WarmStartConfig,
     sft_batch,
     sft_loss,
     tokenize_sft_rows,
@@ -82,10 +82,3 @@ def test_stops_at_the_first_evaluation_inside_the_window():
         result = warm_start(model, TOK, train, held_out, config=cfg, verifier=pool)
     assert result.steps == 3 and result.in_window and len(result.history) == 1
     assert result.acc == result.history[0]["acc"]
-
-
-def test_config_errors_name_the_value():
-    with pytest.raises(ValueError, match="0.6"):
-        WarmStartConfig(target_acc_lo=0.6, target_acc_hi=0.5)
-    with pytest.raises(ValueError, match="batch_size"):
-        WarmStartConfig(batch_size=0)
