@@ -275,13 +275,14 @@ class Config:
         return pathlib.Path(self.run.output_dir) / self.run.name
 
 
-def validate(cfg: Config) -> Config:
-    """All cross-checks of a config in one place; raises ValueError naming the offending value."""
+def _need(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ValueError(msg)
 
-    def need(ok: bool, msg: str) -> None:
-        if not ok:
-            raise ValueError(msg)
 
+def _validate_inputs(cfg: Config) -> None:
+    """The model folders and data files a real (non-demo) run names exist and have a known format."""
+    need = _need
     if cfg.model.source == "path":
         need(
             bool(cfg.model.path), "model.path is empty: name a local HF model folder or set model.source=demo"
@@ -297,6 +298,12 @@ def validate(cfg: Config) -> Config:
         for key, p in (("data.train_path", cfg.data.train_path), ("eval.path", cfg.eval.path)):
             need(not p or pathlib.Path(p).is_file(), f"{key}={p!r} does not exist")
             need(not p or p.endswith((".jsonl", ".parquet")), f"{key}={p!r} must end in .jsonl or .parquet")
+
+
+def validate(cfg: Config) -> Config:
+    """All cross-checks of a config in one place; raises ValueError naming the offending value."""
+    need = _need
+    _validate_inputs(cfg)
     need(cfg.data.demo_train_rows > 0, f"data.demo_train_rows={cfg.data.demo_train_rows} must be > 0")
     need(cfg.data.max_prompt_tokens > 0, f"data.max_prompt_tokens={cfg.data.max_prompt_tokens} must be > 0")
     need(

@@ -144,12 +144,7 @@ def warm_start(
     model.train()
     last_eval_step = -1
     while step < config.max_steps and time.perf_counter() - t0 < config.max_seconds:
-        if len(order) < config.batch_size:  # reshuffle each epoch; leftover rows start the next one
-            fresh = list(range(len(examples)))
-            rng.shuffle(fresh)
-            order.extend(fresh)
-        batch = [examples[i] for i in order[: config.batch_size]]
-        del order[: config.batch_size]
+        batch = [examples[i] for i in _next_rows(order, rng, len(examples), config.batch_size)]
         input_ids, attention_mask, targets = (
             t.to(device) for t in sft_batch(batch, pad_id=tokenizer.pad_token_id)
         )
@@ -168,7 +163,25 @@ def warm_start(
                 break
     if last_eval_step != step:
         acc = evaluate()
+    _warn_outside_window(acc, config, step)
+    model.train(was_training)
     in_window = config.target_acc_lo <= acc <= config.target_acc_hi
+    seconds = time.perf_counter() - t0
+    return WarmStartResult(step, acc, seconds, loss=loss_value, in_window=in_window, history=history)
+
+
+def _next_rows(order: list[int], rng: random.Random, n_rows: int, batch_size: int) -> list[int]:
+    """The next batch of row indices from `order` (consumed), reshuffling all rows at each epoch's end."""
+    if len(order) < batch_size:  # leftover rows of an epoch start the next one
+        fresh = list(range(n_rows))
+        rng.shuffle(fresh)
+        order.extend(fresh)
+    rows = order[:batch_size]
+    del order[:batch_size]
+    return rows
+
+
+def _warn_outside_window(acc: float, config: WarmStartConfig, step: int) -> None:
     if acc > config.target_acc_hi:
         logger.warning(
             "warm start overshot: accuracy jumped to %.3f, above target_acc_hi %.3f, at step %d",
@@ -179,12 +192,3 @@ def warm_start(
             "warm start stopped by its guard at step %d with accuracy %.3f < target_acc_lo %.3f",
             step, acc, config.target_acc_lo,
         )  # fmt: skip
-    model.train(was_training)
-    return WarmStartResult(
-        steps=step,
-        acc=acc,
-        seconds=time.perf_counter() - t0,
-        loss=loss_value,
-        in_window=in_window,
-        history=history,
-    )
