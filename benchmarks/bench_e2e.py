@@ -44,7 +44,7 @@ CONFIG = REPO / "configs" / "bench_e2e.yaml"
 WARMUP_ITERATIONS = 1
 ON_CUDA = torch.cuda.is_available()
 
-# Loop phases in the order an iteration runs them (trainer/main.py times each as time/<phase>_s).
+# Loop phases in the order an iteration runs them (trainer/train.py times each as time/<phase>_s).
 PHASES = ("rollout", "verify", "filter", "logprob_old", "logprob_ref", "prm", "advantages", "policy", "sync")
 PERF_KEYS = ("rollout", "logprob", "prm", "policy")  # perf/<key>_tokens_per_s
 MODES = {"prime": [], "rloo": ["--algorithm.process-coef", "0"]}

@@ -9,7 +9,8 @@ import os
 import pytest
 import torch
 
-from fastprime.trainer.algorithms import compute_advantages, gae_advantages, process_token_rewards
+from fastprime.trainer.advantages import compute_advantages
+from fastprime.trainer.prm import process_token_rewards
 
 DEVICE = os.environ.get("FASTPRIME_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
 N, T, K = 1024, 3072, 4
@@ -46,7 +47,3 @@ def test_bench_rloo_gamma_below_one(benchmark, batch):
     r = process_token_rewards(q, mask)
     benchmark(run, lambda: compute_advantages(acc, r, mask, k=K, gamma=0.99))
 
-
-def test_bench_gae(benchmark, batch):
-    q, mask, _ = batch
-    benchmark(run, lambda: gae_advantages(q, q, mask, gamma=0.99, lam=0.95))
