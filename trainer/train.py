@@ -114,7 +114,7 @@ def train(cfg: Config, d: Dist) -> dict:
     return record
 
 
-def step(t: Trainer, step: int, timer: Timer) -> dict:
+def train_step(t: Trainer, step: int, timer: Timer) -> dict:
     """One PRIME iteration (prime.md "One iteration"); returns its metrics record."""
     cfg, d, T = t.cfg, t.d, t.cfg.rollout.temperature
     # 1-3. rollout, verify, filter/refill
@@ -162,7 +162,7 @@ def step(t: Trainer, step: int, timer: Timer) -> dict:
 def iteration(t: Trainer, n: int, *, stop: bool) -> dict:
     """Iteration n: the step, then evaluation and checkpoint when due, then its metrics line."""
     cfg, t_iter, timer = t.cfg, time.perf_counter(), Timer(t.d.device)
-    record = step(t, n, timer)
+    record = train_step(t, n, timer)
     t.state.step = n
     if n == cfg.train.iterations or (cfg.eval.every and n % cfg.eval.every == 0):
         with timer("eval"):

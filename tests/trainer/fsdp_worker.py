@@ -9,10 +9,13 @@ import sys
 
 import torch
 
-from fastprime.trainer.algorithms import compute_advantages, process_token_rewards
+from fastprime.trainer.advantages import compute_advantages
+from fastprime.trainer.batch import Batch
 from fastprime.trainer.demo import build_tiny_model, build_tokenizer
 from fastprime.trainer.models import full_state_dict, init_distributed, shard_model
-from fastprime.trainer.passes import Batch, Dist, logprob_pass, policy_pass, prm_pass
+from fastprime.trainer.passes import Dist, logprob_pass
+from fastprime.trainer.policy import policy_pass
+from fastprime.trainer.prm import prm_pass, process_token_rewards
 
 
 def fixed_batch(vocab: int, *, groups: int = 4, k: int = 4) -> Batch:
