@@ -270,6 +270,28 @@ def cleanup_sandboxes_of(worker_pid: int) -> None:
     log.warning("code sandbox: could not remove cpu cgroup %s", group)
 
 
+def _judge_run(
+    tests: CodeTests, index: int, files: dict[str, str], nonce: str, returncode: int, limits: SandboxLimits
+) -> TestRun:
+    """The verdict on a finished (not timed-out) run of test `index` from its stdout or result file."""
+    inp, expected = tests.cases[index]
+    if tests.kind == "stdio":
+        with open(files["stdout"], "rb") as f:
+            out = f.read(limits.file_size_mb * 1024 * 1024).decode("utf-8", errors="replace")
+        ok = stdout_matches(out, expected)
+        return TestRun(ok, "pass" if ok else ("wrong" if returncode == 0 else "error"))
+    with open(files["result"], "rb") as f:
+        lines = f.read(limits.file_size_mb * 1024 * 1024).decode("utf-8", errors="replace").splitlines()
+    msgs = [json.loads(line[len(nonce) :]) for line in lines if line.startswith(nonce)]
+    if len(msgs) != 1 or not isinstance(msgs[0], dict):
+        return TestRun(False, "no_result")
+    msg = msgs[0]
+    if not msg.get("ok"):
+        return TestRun(False, "error")
+    ok = _judge_value(msg.get("value"), tests, inp, expected)
+    return TestRun(ok, "pass" if ok else "wrong")
+
+
 def run_one_test(code: str, tests: CodeTests, index: int, *, limits: SandboxLimits) -> TestRun:
     """Run test `index` of `tests` against `code` in a fresh sandbox; the parent decides pass/fail."""
     inp, expected = tests.cases[index]
@@ -341,21 +363,7 @@ def run_one_test(code: str, tests: CodeTests, index: int, *, limits: SandboxLimi
         proc.wait()
         if timed_out:
             return TestRun(False, "timeout")
-        if tests.kind == "stdio":
-            with open(files["stdout"], "rb") as f:
-                out = f.read(limits.file_size_mb * 1024 * 1024).decode("utf-8", errors="replace")
-            ok = stdout_matches(out, expected)
-            return TestRun(ok, "pass" if ok else ("wrong" if proc.returncode == 0 else "error"))
-        with open(files["result"], "rb") as f:
-            lines = f.read(limits.file_size_mb * 1024 * 1024).decode("utf-8", errors="replace").splitlines()
-        msgs = [json.loads(line[len(nonce) :]) for line in lines if line.startswith(nonce)]
-        if len(msgs) != 1 or not isinstance(msgs[0], dict):
-            return TestRun(False, "no_result")
-        msg = msgs[0]
-        if not msg.get("ok"):
-            return TestRun(False, "error")
-        ok = _judge_value(msg.get("value"), tests, inp, expected)
-        return TestRun(ok, "pass" if ok else "wrong")
+        return _judge_run(tests, index, files, nonce, proc.returncode, limits)
     except (OSError, ValueError) as e:
         log.warning("code sandbox: could not run a test: %s", e)
         return TestRun(False, "sandbox_error")

@@ -135,19 +135,9 @@ class VerifierPool:
         self._workers[i].kill()
         self._workers[i] = _Worker(self.memory_mb)
 
-    def score(self, items) -> VerifyResult:
-        """Score `items` (dicts with "ability", "response", "ground_truth"); never raises for bad items.
-
-        Returns a VerifyResult with one score per item, in order. Blocks until every item is scored, which is
-        bounded by the time limits (a worker that does not start within 120 s is replaced, and after 3
-        failed starts in a row the remaining items are scored 0 as "crash").
-        """
-        if self._closed:
-            raise RuntimeError("VerifierPool is closed")
-        items = list(items)
-        scores = [0.0] * len(items)
-        failures: collections.Counter[str] = collections.Counter()
-        todo: collections.deque[tuple[int, str, float]] = collections.deque()
+    def _tasks(self, items: list, failures: collections.Counter) -> collections.deque[tuple[int, str, float]]:
+        """(index, ability, time limit) of every well-formed item, longest limit first; counts the malformed."""
+        todo = []
         for idx, item in enumerate(items):
             ability = _check_item(item)
             if ability is None:
@@ -161,37 +151,48 @@ class VerifierPool:
                 continue
             todo.append((idx, ability, limit))
         # Longest first: code items bound the batch's wall time.
-        todo = collections.deque(sorted(todo, key=lambda t: -t[2]))
+        return collections.deque(sorted(todo, key=lambda t: -t[2]))
+
+    def _dispatch(self, w, todo: collections.deque, items: list, now: float) -> None:
+        """Send worker `w` tasks from the front of `todo` until it has PIPELINE_DEPTH in flight."""
+        # Two tasks in flight per worker: it starts the next one without waiting for the score loop.
+        while w.ready and len(w.queue) < PIPELINE_DEPTH and todo:
+            task = todo.popleft()
+            item = items[task[0]]
+            msg = ("task", task[0], task[1], item["response"], item["ground_truth"], self.code_test_timeout_s)
+            data = pickle.dumps(msg)
+            if w.queue and len(data) > PIPELINE_MAX_BYTES:
+                # A queued message waits in the pipe while the worker is busy; more than the pipe
+                # holds would block the score loop (and with it every time limit). Send it when idle.
+                todo.appendleft(task)
+                return
+            try:
+                w.send_conn.send_bytes(data)
+            except (OSError, ValueError):
+                todo.appendleft(task)
+                return
+            w.queue.append(task)
+            if len(w.queue) == 1:
+                w.deadline = now + task[2]
+
+    def score(self, items) -> VerifyResult:
+        """Score `items` (dicts with "ability", "response", "ground_truth"); never raises for bad items.
+
+        Returns a VerifyResult with one score per item, in order. Blocks until every item is scored, which is
+        bounded by the time limits (a worker that does not start within 120 s is replaced, and after 3
+        failed starts in a row the remaining items are scored 0 as "crash").
+        """
+        if self._closed:
+            raise RuntimeError("VerifierPool is closed")
+        items = list(items)
+        scores = [0.0] * len(items)
+        failures: collections.Counter[str] = collections.Counter()
+        todo = self._tasks(items, failures)
         startup_failures = 0
         while todo or any(w.queue for w in self._workers):
             now = time.monotonic()
             for w in self._workers:
-                # Two tasks in flight per worker: it starts the next one without waiting for this loop.
-                while w.ready and len(w.queue) < PIPELINE_DEPTH and todo:
-                    task = todo.popleft()
-                    item = items[task[0]]
-                    msg = (
-                        "task",
-                        task[0],
-                        task[1],
-                        item["response"],
-                        item["ground_truth"],
-                        self.code_test_timeout_s,
-                    )
-                    data = pickle.dumps(msg)
-                    if w.queue and len(data) > PIPELINE_MAX_BYTES:
-                        # A queued message waits in the pipe while the worker is busy; more than the pipe
-                        # holds would block this loop (and with it every time limit). Send it when idle.
-                        todo.appendleft(task)
-                        break
-                    try:
-                        w.send_conn.send_bytes(data)
-                    except (OSError, ValueError):
-                        todo.appendleft(task)
-                        break
-                    w.queue.append(task)
-                    if len(w.queue) == 1:
-                        w.deadline = now + task[2]
+                self._dispatch(w, todo, items, now)
             deadlines = [w.deadline for w in self._workers if w.queue]
             deadlines += [w.started + STARTUP_TIMEOUT_S for w in self._workers if not w.ready]
             wait_s = max(0.0, min(deadlines) - now) if deadlines else 0.05

@@ -190,14 +190,8 @@ class _WrapCalls(ast.NodeTransformer):
         return ast.Call(func=ast.Name("__fp_check__", ast.Load()), args=[node], keywords=[])
 
 
-def main():
-    cfg_fd = int(sys.argv[1])
-    with os.fdopen(cfg_fd, "rb") as f:
-        job = json.loads(f.read())
-    nonce = job["nonce"]
-    res_fd = job["result_fd"]
-    dumps, write, exit_, getattr_ = json.dumps, os.write, os._exit, getattr
-    safe_builtins = dict(vars(builtins))
+def _enter_sandbox(job: dict) -> str:
+    """Join the CPU group, isolate, write the program, set limits and drop to the sandbox uid; its path."""
     workdir = job["workdir"]
     if job.get("cpu_group"):
         try:  # first, so that everything the program starts shares this worker's one CPU share
@@ -228,6 +222,18 @@ def main():
     os.chdir(workdir)
     sys.argv = [path]
     sys.path.insert(0, workdir)
+    return path
+
+
+def main():
+    cfg_fd = int(sys.argv[1])
+    with os.fdopen(cfg_fd, "rb") as f:
+        job = json.loads(f.read())
+    nonce = job["nonce"]
+    res_fd = job["result_fd"]
+    dumps, write, exit_, getattr_ = json.dumps, os.write, os._exit, getattr
+    safe_builtins = dict(vars(builtins))
+    path = _enter_sandbox(job)
 
     def report(payload):
         write(res_fd, (nonce + dumps(payload) + "\n").encode())
