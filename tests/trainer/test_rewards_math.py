@@ -1,7 +1,7 @@
 """Math verifier: public grader test cases (not written by this project) and hand-written hacking probes.
 
-Cases: /work/shared/data/verifier_cases (Math-Verify, PRIME/verl and Qwen2.5-Math grader tests; see its
-README). Strict cases only: `ambiguous` and `caveat` ones encode a tolerance policy or a grader convention.
+Cases: ../shared/data/verifier_cases beside the checkout (Math-Verify, PRIME/verl and Qwen2.5-Math grader
+tests; see its README). Strict cases only: `ambiguous` and `caveat` ones encode a tolerance policy or a grader convention.
 These run in-process (no pool) because none of them is slow; hostile inputs go through the pool in
 test_rewards_pool.py.
 """
@@ -16,7 +16,9 @@ import pytest
 from fastprime.trainer.rewards.math_answer import boxed_contents, extract_answer, extract_choice
 from fastprime.trainer.rewards.math_equal import answers_equal, score_math
 
-CASES_DIR = Path("/work/shared/data/verifier_cases")
+# Beside the checkout, as in every workspace and in CI; never a machine path. Missing files fail the tests.
+REPO = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").is_file())
+CASES_DIR = REPO / ".." / "shared" / "data" / "verifier_cases"
 CASE_FILES = ["math_verify_cases.jsonl", "prime_cases.jsonl", "qwen_cases.jsonl"]
 
 # Strict cases where this verifier's verdict differs from the file's, each for a stated reason.
@@ -40,10 +42,10 @@ KNOWN_DISAGREEMENTS = {
 
 
 def _strict_math_cases():
-    if not CASES_DIR.is_dir():
-        return []
     out = []
     for name in CASE_FILES:
+        if not (CASES_DIR / name).is_file():
+            continue  # test_shared_cases_are_present fails and says where it looked
         for line_no, line in enumerate((CASES_DIR / name).read_text().splitlines(), 1):
             row = json.loads(line)
             if row.get("kind") == "math" and not row.get("ambiguous") and not row.get("caveat"):
@@ -60,7 +62,13 @@ def _verdict(key):
     return score_math(row["pred"], row["gold"])[0] == 1.0
 
 
-@pytest.mark.skipif(not STRICT, reason="shared verifier cases not present")
+def test_shared_cases_are_present():
+    for name in [*CASE_FILES, "math_verify_parse_cases.jsonl"]:
+        assert (CASES_DIR / name).is_file(), (
+            f"shared grader cases missing: looked for {CASES_DIR.resolve() / name}"
+        )
+
+
 def test_strict_case_count_and_accuracy_beats_math_verify():
     # The README measures math-verify 0.9.0 at 268 of these 285.
     assert len(STRICT) == 285
@@ -84,8 +92,8 @@ def test_strict_case(row, key):
 
 def _parse_cases():
     path = CASES_DIR / "math_verify_parse_cases.jsonl"
-    if not path.exists():
-        return []
+    if not path.is_file():
+        return []  # test_shared_cases_are_present fails and says where it looked
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     # The string-extraction cases for choices A-D; the others test Math-Verify config switches.
     return [r for r in rows if "StringExtractionConfig(strings=('A', 'B', 'C', 'D')" in str(r.get("config"))]
