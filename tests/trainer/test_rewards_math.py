@@ -256,6 +256,11 @@ PROBES = [
     ("5", "It is not 6, so the answer is 5.", 1),
     ("12", "I was not sure at first, but the answer is 12.", 1),
     ("19", "Final Answer: The maximum number of points that could be in the domain of $f(x)$ is 19.", 1),
+    ("5", "The answer is 5. Option B says 7, but that is wrong.", 1),
+    # the same for letters: each scored 1 before
+    ("C", "The answer is (C). Actually, I am not sure.", 0),
+    ("C", "C. Hmm, I cannot determine which option is right.", 0),
+    ("C", "Option C looks plausible, but I do not know.", 0),
     # nothing to grade
     ("2", "", 0),
     ("2", "no answer here at all", 0),

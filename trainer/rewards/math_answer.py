@@ -22,7 +22,9 @@ Order of precedence, applied to the response text (NFKC-folded first):
    - a value its own sentence hedges (maybe, perhaps, possibly, probably, I guess; "might be 5",
      "could be 5") or asks ("So x = 5?") ends the search with no answer: the final statement is not committed;
    - a decline anywhere after a value withdraws it and every earlier one, so there is no answer ("I cannot
-     determine ...", "I don't know", "I'm not sure/certain/confident", "I give up", "that is wrong").
+     determine ...", "I don't know", "I'm not sure/certain/confident", "I give up"). Strict on purpose: an
+     unboxed response that voices doubt after its value scores 0 even if the doubt was about its method. A
+     refutation whose referent is unclear ("but that is wrong") is not a decline.
    Sentences after the value that neither decline nor state a value ("I hope it is correct", a chat
    template's end token) do not matter, and a decline before the value ("I was not sure at first, but the
    answer is 5") does not withdraw it. The decline rule applies to the letters and lists of 3 too. Boxed
@@ -67,8 +69,7 @@ _DECLINE_RE = re.compile(
     r"(?i)\b(?:(?:can\s*not|can't|could\s*not|couldn't|unable\s+to|not\s+able\s+to)\s+(?:be\s+)?"
     r"(?:determine|find|found|solve|solved|figure|work\s+out|compute|computed|calculate|conclude|decide|tell|"
     r"answer|sure|certain)"
-    r"|(?:do|did)\s*(?:not|n't)\s+know|not\s+(?:sure|certain|confident)|give\s+up|gave\s+up"
-    r"|(?:that|this|it)(?:'s|\s+is|\s+was)\s+(?:wrong|incorrect|not\s+right))\b"
+    r"|(?:do|did)\s*(?:not|n't)\s+know|not\s+(?:sure|certain|confident)|give\s+up|gave\s+up)\b"
 )
 # A value its own sentence denies: "is not 5", "isn't 5", "\neq 5" just before it; "5 is wrong" or
 # "5 does not work" after it.
@@ -208,7 +209,8 @@ def extract_choice(text: str) -> str | None:
     """The multiple-choice letter A-E a response picks, for a gold that is a letter; None if unclear.
 
     A boxed or "answer is" letter first; then a response that starts with "B." or "(B)"; then the only
-    stand-alone capital A-E in the text (two different ones are ambiguous: None).
+    stand-alone capital A-E in the text (two different ones are ambiguous: None). As for values (module
+    docstring, rule 4), a decline after the letter withdraws it.
     """
     answer = extract_answer(text)
     if answer is not None and choice_letter(answer):
@@ -221,9 +223,12 @@ def extract_choice(text: str) -> str | None:
         first_line = text.strip().split("\n", 1)[0]
         if len(set(_CHOICE_LETTER_RE.findall(first_line))) > 1 and _HEDGE_PROSE_RE.search(first_line):
             return None
-        return m.group(1) or m.group(2)
-    letters = set(_CHOICE_LETTER_RE.findall(text[-MAX_TAIL_CHARS:]))
-    return letters.pop() if len(letters) == 1 else None
+        return None if _DECLINE_RE.search(text, m.end()) else m.group(1) or m.group(2)
+    tail = text[-MAX_TAIL_CHARS:]
+    letters = set(_CHOICE_LETTER_RE.findall(tail))
+    if len(letters) != 1 or _DECLINE_RE.search(tail, _last_match(_CHOICE_LETTER_RE, tail).end()):
+        return None
+    return letters.pop()
 
 
 def extract_answer(text: str) -> str | None:
