@@ -123,7 +123,7 @@ def test_ppo_loss_equals_clipped_objective_on_model_logits():
     expected = (w * torch.where(scored, pg + 0.1 * (u.exp() - u - 1), 0.0)).sum()
     expected.backward()
     assert abs(loss.item() - expected.item()) < 1e-5, f"loss {loss.item()} vs {expected.item()}"
-    assert 0 < stats.clip_frac_low + stats.clip_frac_high, "the test batch must exercise clipping"
+    assert stats.clip_frac_low + stats.clip_frac_high > 0, "the test batch must exercise clipping"
     assert_close(stats.logp, logp, "stats.logp")
     for (name, p), p64 in zip(model.named_parameters(), m64.parameters()):
         scale = p64.grad.abs().max().clamp(min=1e-3)
