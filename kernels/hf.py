@@ -144,7 +144,7 @@ def causal_lm_ppo_loss(
     model: nn.Module,
     input_ids: Tensor,
     targets: Tensor,
-    old_logp: Tensor,
+    old_logp: Tensor | None,
     advantages: Tensor,
     w: Tensor,
     *,
@@ -158,7 +158,9 @@ def causal_lm_ppo_loss(
     """`linear_ppo_loss` on an HF causal LM: the body runs, then the clipped PPO loss straight from the head.
 
     input_ids, targets, attention_mask, position_ids as in `causal_lm_logprobs`; old_logp, advantages, w,
-    ref_logp: [B, T] like targets (only scored positions are read). ppo_options: the keyword options of
+    ref_logp: [B, T] like targets (only scored positions are read). old_logp=None means on-policy (the ratio is 1
+    with gradient ∇logp, like `logp - logp.detach()`): old_logp is then the head's own log-probs from one extra
+    no-grad pass of the fused head over the same hidden states (the body does not run again). ppo_options: the keyword options of
     `linear_ppo_loss` (clip_low, clip_high, dual_clip, kl_coef, entropy_coef, impl).
     Returns (loss 0-dim fp32 differentiable w.r.t. the model's parameters, PPOStats with logp [B, T]).
     """
@@ -173,8 +175,15 @@ def causal_lm_ppo_loss(
         model, input_ids, targets, attention_mask, position_ids, ignore_index
     )
     pick = lambda x: None if x is None else x[scored]
+    old = pick(old_logp)
+    if old is None:  # the same kernel on the same inputs as inside linear_ppo_loss: the ratio is exactly 1
+        with torch.no_grad():
+            old = linear_logprobs(
+                hidden, head.weight, tgt, bias=head.bias, temperature=temperature, ignore_index=ignore_index,
+                return_entropy=True, impl=ppo_options.get("impl", "auto"),
+            ).logp  # fmt: skip
     loss, stats = linear_ppo_loss(
-        hidden, head.weight, tgt, pick(old_logp), pick(advantages), pick(w), ref_logp=pick(ref_logp),
+        hidden, head.weight, tgt, old, pick(advantages), pick(w), ref_logp=pick(ref_logp),
         temperature=temperature, bias=head.bias, ignore_index=ignore_index, **ppo_options,
     )  # fmt: skip
     return loss, stats._replace(logp=_scatter(stats.logp, scored))
