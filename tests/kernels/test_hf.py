@@ -161,3 +161,30 @@ def test_bad_shapes_are_refused():
         causal_lm_logprobs(model, ids, targets[:, 1:], attention_mask=mask)
     with pytest.raises(ValueError, match="bias= is taken from the model"):
         causal_lm_ppo_loss(model, ids, targets, targets.float(), targets.float(), targets.float(), bias=None)
+
+
+def test_on_policy_ppo_loss_without_old_logp():
+    """old_logp=None: ratio exactly 1, gradient of Σ w (-A exp(logp - sg(logp)) + β k3) on the fp64 model."""
+    model = tiny_qwen2(tied=False, bias=True)
+    ids, mask, targets = padded_batch()
+    scored = targets != -100
+    adv = torch.randn(targets.shape, generator=torch.Generator().manual_seed(5))
+    w = scored.float() / scored.sum()
+    ref_logp0, _, _ = reference_logprobs(model, ids, targets, attention_mask=mask)
+    ref = (ref_logp0 - 0.5).float()
+    loss, stats = causal_lm_ppo_loss(
+        model, ids, targets, None, adv, w, attention_mask=mask, ref_logp=ref, kl_coef=0.1
+    )
+    loss.backward()
+    assert stats.ratio.item() == 1.0, f"on-policy mean ratio {stats.ratio.item()}"
+
+    logp, _, m64 = reference_logprobs(model, ids, targets, attention_mask=mask)
+    u = ref.double() - logp
+    expected = (
+        w * torch.where(scored, -adv * (logp - logp.detach()).exp() + 0.1 * (u.exp() - u - 1), 0.0)
+    ).sum()
+    expected.backward()
+    assert abs(loss.item() - expected.item()) < 1e-5, f"loss {loss.item()} vs {expected.item()}"
+    for (name, p), p64 in zip(model.named_parameters(), m64.parameters()):
+        scale = p64.grad.abs().max().clamp(min=1e-3)
+        assert_close(p.grad / scale, p64.grad / scale, f"grad {name} (relative to its max)", atol=1e-4)
