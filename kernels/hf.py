@@ -11,10 +11,11 @@ batch whose response starts at column P: `targets[:, P-1:-1] = input_ids[:, P:]`
 padding. Packed input is one row `[1, N]` with `position_ids` restarting at 0 for every sequence and no
 attention_mask (transformers then keeps attention inside each sequence).
 
-Architectures that transform the logits after the head are read from the config: a constant logit scale
-(Cohere `logit_scale`, Granite `logits_scaling`, Falcon-H1 `lm_head_multiplier`) folds into the temperature;
-Gemma-2/3 `final_logit_softcapping` is refused (the kernels have no tanh cap). Imported lazily: torch and
-transformers only; `import fastprime.kernels` does not load this module.
+Architectures that transform the logits after the head are read from the config (the fields trl 1.16's own fused
+head reads): a constant logit scale (Cohere `logit_scale`, `output_multiplier`, Falcon-H1 `lm_head_multiplier`,
+Granite/MiniCPM3/HyperCLOVA X `logits_scaling`) folds into the temperature;
+Gemma-2/3 `final_logit_softcapping` is refused (the kernels have no tanh cap). Needs torch only (the model
+object comes from transformers); `import fastprime.kernels` does not load this module.
 """
 
 from __future__ import annotations
@@ -44,10 +45,15 @@ def head_logit_scale(model: nn.Module) -> float:
     scale = 1.0
     if getattr(config, "logit_scale", None) is not None:  # Cohere: logits * logit_scale
         scale = float(config.logit_scale)
+    elif getattr(config, "output_multiplier", None) is not None:  # logits * output_multiplier
+        scale = float(config.output_multiplier)
     elif getattr(config, "lm_head_multiplier", None) is not None:  # Falcon-H1: logits * lm_head_multiplier
         scale = float(config.lm_head_multiplier)
-    elif getattr(config, "logits_scaling", None) is not None:  # Granite: logits / logits_scaling
-        scale = 1.0 / float(config.logits_scaling)
+    elif (
+        getattr(config, "logits_scaling", None) is not None
+    ):  # Granite, MiniCPM3 divide; HyperCLOVA X multiplies
+        multiplies = getattr(config, "model_type", "") == "hyperclovax"
+        scale = float(config.logits_scaling) if multiplies else 1.0 / float(config.logits_scaling)
     if not scale > 0.0:
         raise ValueError(
             f"{type(model).__name__}'s logit scale must be > 0 to fold into the temperature, got {scale}"

@@ -4,7 +4,14 @@ import copy
 
 import pytest
 import torch
-from transformers import GraniteConfig, GraniteForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    CohereConfig,
+    CohereForCausalLM,
+    GraniteConfig,
+    GraniteForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from fastprime.kernels.hf import causal_lm_logprobs, causal_lm_ppo_loss, completion_targets, head_logit_scale
 
@@ -130,20 +137,29 @@ def test_ppo_loss_equals_clipped_objective_on_model_logits():
         assert_close(p.grad / scale, p64.grad / scale, f"grad {name} (relative to its max)", atol=1e-4)
 
 
-def test_granite_logit_scaling_folds_into_temperature():
-    config = GraniteConfig(
+@pytest.mark.parametrize(
+    "config_class,model_class,scale",
+    [
+        (GraniteConfig, GraniteForCausalLM, {"logits_scaling": 4.0}),
+        (CohereConfig, CohereForCausalLM, {"logit_scale": 3.0}),
+    ],
+)
+def test_architecture_logit_scale_folds_into_temperature(config_class, model_class, scale):
+    """Granite divides its logits by logits_scaling, Cohere multiplies them by logit_scale."""
+    config = config_class(
         vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2, logits_scaling=4.0, tie_word_embeddings=False,
+        num_key_value_heads=2, tie_word_embeddings=False, **scale,
     )  # fmt: skip
     torch.manual_seed(0)
-    model = GraniteForCausalLM(config)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(200.0)
-    assert head_logit_scale(model) == 0.25
+    model = model_class(config)
+    assert head_logit_scale(model) == (0.25 if "logits_scaling" in scale else 3.0)
+    with torch.no_grad():  # logits of order 10 after the architecture's scale
+        model.lm_head.weight.mul_(50.0 / head_logit_scale(model))
     ids, mask, targets = padded_batch()
     logp = causal_lm_logprobs(model, ids, targets, attention_mask=mask, temperature=0.5)
     ref_logp, _, _ = reference_logprobs(model, ids, targets, temperature=0.5, attention_mask=mask)
-    assert_close(logp, ref_logp, "granite logp")
+    assert ref_logp.abs().max() > 1.0
+    assert_close(logp, ref_logp, f"{model_class.__name__} logp")
 
 
 def test_soft_capping_is_refused_by_name():
