@@ -1,0 +1,1 @@
+"""Drop-in pieces for other trainers; each module imports its trainer library lazily (`fastprime[trl]`)."""
