@@ -21,7 +21,7 @@ from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 from triton.runtime.autotuner import Autotuner
 
-from fastprime.kernels import linear_logprobs_triton, ppo_loss, prm_loss
+from fastprime.kernels import ppo_loss, prm_loss, triton_core
 
 TARGET = GPUTarget("cuda", 90, 32)
 TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
@@ -70,9 +70,9 @@ def head_kernels():
         }
         types = {**inputs, **scalars, **f32, "temperature": "fp32"}
         for kernel, flags in (
-            (linear_logprobs_triton._logprobs_fwd_kernel, dict(HAS_BIAS=True, NEED_ENTROPY=True)),
+            (triton_core._logprobs_fwd_kernel, dict(HAS_BIAS=True, NEED_ENTROPY=True)),
             (
-                linear_logprobs_triton._logprobs_bwd_kernel,
+                triton_core._logprobs_bwd_kernel,
                 dict(HAS_BIAS=True, HAS_GE=True, NEED_DH=True, NEED_DW=True, NEED_DB=True),
             ),
         ):

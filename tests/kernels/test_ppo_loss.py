@@ -213,14 +213,14 @@ def test_triton_epilogue_matches_torch_epilogue():
     ent = torch.rand(N, generator=g) * 3
     targets = torch.randint(0, 7, (N,), generator=g)
     targets[::7] = -100
-    opts = PPOOptions(0.2, 0.28, 3.0, 1.0, 0.1, 0.01, -100, "triton")
+    opts = PPOOptions(clip_low=0.2, clip_high=0.28, dual_clip=3.0, kl_coef=0.1, entropy_coef=0.01)
     got = ppo_epilogue(logp, ent, old, adv, w, ref, targets, opts, "triton")
     want = ppo_epilogue(logp, ent, old, adv, w, ref, targets, opts, "chunked")
     for name, a, b in zip(["term", "g", "e", "ratio", "kl", "code"], got, want):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
     assert torch.isfinite(got[0]).all()
     # clamped log-ratio: no PPO gradient; clamped k3 exponent: no KL gradient
-    opts_pg = PPOOptions(0.2, 0.28, 3.0, 1.0, 0.0, 0.0, -100, "triton")
+    opts_pg = PPOOptions(clip_low=0.2, clip_high=0.28, dual_clip=3.0)
     g_pg = ppo_epilogue(logp, ent, old, adv, w, None, targets, opts_pg, "triton")[1]
     assert torch.all(g_pg[:10] == 0)
     torch.testing.assert_close(got[1][10:20], g_pg[10:20])

@@ -355,7 +355,7 @@ def triton_logprobs_backward(
     needs_input_grad: tuple[bool, bool, bool],
     v_chunk: int = V_CHUNK,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """Gradients of `triton_logprobs_forward`: see `logprobs_backward` in linear_logprobs.py for shapes.
+    """Gradients of `triton_logprobs_forward`: see `logprobs_backward` in core.py for shapes.
 
     dh accumulates in fp32 [N, D] (the gradient itself when hidden is fp32); the vocab is processed in
     chunks of `v_chunk` rows of W, each with an fp32 [v_chunk, D] dW accumulator copied into grad_weight

@@ -1,0 +1,91 @@
+"""The Triton core (triton_core.py) beyond the public op's tests: vocab splits of the forward, vocab chunks of
+the backward, autotuning hooks, and the inputs it refuses."""
+
+import pytest
+import torch
+import triton
+from oracle import TOL, assert_close, check_against_oracle, fp64_oracle, make_inputs, upstream_grads
+
+from fastprime.kernels import linear_logprobs
+from fastprime.kernels.triton_core import triton_logprobs_backward, triton_logprobs_forward
+
+
+def test_triton_backward_survives_autotuning(monkeypatch):
+    """On a GPU the backward kernel has several configs: the autotuner runs each one, zeroing its reset_to_zero
+    arguments (DW, DB) before every run and once more before the real launch. Here two configs are forced and
+    each is "timed" by one plain call, so the interpreter goes through the same hooks; without a bias and
+    without a weight gradient, DB and DW must not alias an input such as the upstream gradients."""
+    from fastprime.kernels import triton_core as lt
+
+    kernel = lt._logprobs_bwd_kernel
+    first = kernel.configs[0]
+    configs = [first, triton.Config({**first.kwargs, "BLOCK_N": 2 * first.kwargs["BLOCK_N"]})]
+    monkeypatch.setattr(kernel, "configs", configs)
+    monkeypatch.setattr(kernel, "cache", {})
+    monkeypatch.delitem(kernel.__dict__, "do_bench", raising=False)
+
+    def bench_once(kernel_call, quantiles):
+        kernel_call()
+        return [1.0, 1.0, 1.0]
+
+    monkeypatch.setattr(kernel, "_do_bench", bench_once)
+    hidden, weight, _, targets = make_inputs(20, 16, 1000, seed=19)
+    check_against_oracle(
+        "triton", hidden, weight, None, targets, temperature=1.0, dtype=torch.float32, use_bias=False
+    )
+    assert len(kernel.cache) == 1, "the autotuner did not run"
+    h = hidden.clone().requires_grad_()
+    (grad_h,) = torch.autograd.grad(linear_logprobs(h, weight, targets, impl="triton").sum(), h)
+    h64 = hidden.double().requires_grad_()
+    (want,) = torch.autograd.grad(fp64_oracle(h64, weight, targets, None, 1.0)[0].sum(), h64)
+    assert_close("triton d hidden (weight frozen)", grad_h, want, TOL[torch.float32]["grad"])
+
+
+def test_triton_vocab_splits_merge():
+    """The host merge of per-split partials equals one pass (splits include a short last one)."""
+    hidden, weight, bias, targets = make_inputs(16, 16, 4099, seed=11)
+    ref_logp, ref_entropy = fp64_oracle(hidden, weight, targets, bias, 0.8)
+    for splits in (1, 3, 5):
+        logp, entropy, _ = triton_logprobs_forward(
+            hidden,
+            weight,
+            targets,
+            bias,
+            temperature=0.8,
+            ignore_index=-100,
+            need_entropy=True,
+            n_split=splits,
+        )
+        assert_close(f"{splits} splits logp", logp, ref_logp, 2e-5)
+        assert_close(f"{splits} splits entropy", entropy, ref_entropy, 2e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_backward_vocab_chunks(dtype):
+    """Backward launched per 1000-row vocab chunk (last one 99 rows) equals the fp64 oracle."""
+    hidden, weight, bias, targets = make_inputs(16, 16, 4099, dtype=dtype, seed=16)
+    opts = dict(temperature=0.8, ignore_index=-100)
+    logp, entropy, lse = triton_logprobs_forward(hidden, weight, targets, bias, need_entropy=True, **opts)
+    gl, ge = upstream_grads(16)
+    grads = triton_logprobs_backward(
+        hidden, weight, targets, bias, lse, entropy, gl.float(), ge.float(),
+        needs_input_grad=(True, True, True), v_chunk=1000, **opts,
+    )  # fmt: skip
+    h64, w64, b64 = (t.double().requires_grad_() for t in (hidden, weight, bias))
+    ref_logp, ref_entropy = fp64_oracle(h64, w64, targets, b64, 0.8)
+    ref_grads = torch.autograd.grad((ref_logp * gl).sum() + (ref_entropy * ge).sum(), (h64, w64, b64))
+    for name, got, want in zip(["d hidden", "d weight", "d bias"], grads, ref_grads):
+        assert_close(f"chunked-vocab triton {name}", got, want, TOL[dtype]["grad"])
+
+
+def test_triton_rejects_float64():
+    h, w = torch.randn(2, 4, dtype=torch.float64), torch.randn(8, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="float64"):
+        linear_logprobs(h, w, torch.zeros(2, dtype=torch.long), impl="triton")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter-only guard")
+def test_interpreter_refuses_bf16_triton():
+    h, w = torch.randn(2, 16).bfloat16(), torch.randn(8, 16).bfloat16()
+    with pytest.raises(ValueError, match="bfloat16"):
+        linear_logprobs(h, w, torch.zeros(2, dtype=torch.long), impl="triton")
