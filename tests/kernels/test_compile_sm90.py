@@ -14,7 +14,7 @@ pytest.importorskip("triton.backends.nvidia.compiler", reason="triton was built 
 
 # cudaDevAttrMaxSharedMemoryPerBlockOptin on H100 and H200: 227 KiB.
 HOPPER_SHARED_BYTES = 232448
-HEAD_KERNELS = {"_logprobs_fwd_kernel", "_logprobs_bwd_kernel"}
+HEAD_KERNELS = {"_logprobs_fwd_kernel", "_logit_grad_kernel"}
 
 
 @pytest.fixture(scope="module")

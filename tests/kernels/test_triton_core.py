@@ -5,19 +5,20 @@ import pytest
 import torch
 import triton
 from oracle import TOL, assert_close, check_against_oracle, fp64_oracle, make_inputs, upstream_grads
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastprime.kernels import linear_logprobs
 from fastprime.kernels.triton_core import triton_logprobs_backward, triton_logprobs_forward
 
 
 def test_triton_backward_survives_autotuning(monkeypatch):
-    """On a GPU the backward kernel has several configs: the autotuner runs each one, zeroing its reset_to_zero
-    arguments (DW, DB) before every run and once more before the real launch. Here two configs are forced and
-    each is "timed" by one plain call, so the interpreter goes through the same hooks; without a bias and
-    without a weight gradient, DB and DW must not alias an input such as the upstream gradients."""
+    """On a GPU the logit-gradient kernel has several configs and the autotuner runs each one on the real
+    arguments before the real launch. Here two configs are forced and each is "timed" by one plain call, so the
+    interpreter goes through the same path: the gradients must still equal the oracle's (every config writes
+    all of G, so no run may leave stale entries), with and without a weight gradient."""
     from fastprime.kernels import triton_core as lt
 
-    kernel = lt._logprobs_bwd_kernel
+    kernel = lt._logit_grad_kernel
     first = kernel.configs[0]
     configs = [first, triton.Config({**first.kwargs, "BLOCK_N": 2 * first.kwargs["BLOCK_N"]})]
     monkeypatch.setattr(kernel, "configs", configs)
@@ -89,3 +90,51 @@ def test_interpreter_refuses_bf16_triton():
     h, w = torch.randn(2, 16).bfloat16(), torch.randn(8, 16).bfloat16()
     with pytest.raises(ValueError, match="bfloat16"):
         linear_logprobs(h, w, torch.zeros(2, dtype=torch.long), impl="triton")
+
+
+class _OpLog(TorchDispatchMode):
+    """Names and operand shapes of every aten op run while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[str, list[tuple[int, ...]]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        shapes = [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]
+        self.calls.append((str(func.overloadpacket.__name__), shapes))
+        return func(*args, **(kwargs or {}))
+
+
+def test_triton_backward_is_matmuls_over_logit_gradient_chunks():
+    """The backward writes G [N, Vc] per vocab chunk and gets dh, dW from matrix multiplies over it: one
+    dh product (addmm) and one dW product (mm) per chunk, each with G's chunk as an operand."""
+    n, d, v, vc = 24, 16, 4099, 1000
+    hidden, weight, bias, targets = make_inputs(n, d, v, seed=20)
+    opts = dict(temperature=0.8, ignore_index=-100)
+    logp, entropy, lse = triton_logprobs_forward(hidden, weight, targets, bias, need_entropy=True, **opts)
+    gl, ge = upstream_grads(n)
+    with _OpLog() as log:
+        triton_logprobs_backward(
+            hidden, weight, targets, bias, lse, entropy, gl.float(), ge.float(),
+            needs_input_grad=(True, True, True), v_chunk=vc, **opts,
+        )  # fmt: skip
+    chunks = [min(vc, v - v0) for v0 in range(0, v, vc)]
+    dh_products = [s[1:] for name, s in log.calls if name.startswith("addmm") and s[0] == (n, d)]
+    dw_products = [s for name, s in log.calls if name == "mm" and s[1] == (n, d)]
+    assert dh_products == [[(n, c), (c, d)] for c in chunks], log.calls
+    assert dw_products == [[(c, n), (n, d)] for c in chunks], log.calls
+
+
+@pytest.mark.gpu
+def test_gpu_backward_is_deterministic():
+    """No atomics: two backward passes on the same bf16 inputs give bitwise equal gradients."""
+    hidden, weight, bias, targets = make_inputs(1000, 512, 32003, dtype=torch.bfloat16, seed=21)
+    grads = []
+    for _ in range(2):
+        leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+        logp, entropy = linear_logprobs(
+            *leaves[:2], targets, bias=leaves[2], return_entropy=True, impl="triton"
+        )
+        grads.append(torch.autograd.grad(logp.sum() + 0.1 * entropy.sum(), leaves))
+    for name, a, b in zip(["d hidden", "d weight", "d bias"], *grads):
+        assert torch.equal(a, b), f"{name} differs between two identical backward passes"
