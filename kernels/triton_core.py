@@ -52,16 +52,19 @@ if INTERPRET:
 else:
     # Hopper configs, chosen by compiling for sm_90 without a GPU (tests/kernels/compile_sm90.py,
     # benchmarks/results/sm90_compile.md): shared memory within 227 KiB and at most a few hundred bytes of
-    # register spills per thread. Throughput is still untuned on a real GPU.
+    # register spills per thread, compiled with the launch's divisibility hints. Throughput is still untuned
+    # on a real GPU: the autotuner picks among these by timing.
     _FWD_CONFIGS = [
         triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_D": 32}, num_warps=8, num_stages=4),
         triton.Config({"BLOCK_N": 64, "BLOCK_V": 256, "BLOCK_D": 32}, num_warps=8, num_stages=4),
         triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_D": 64}, num_warps=8, num_stages=4),
+        triton.Config({"BLOCK_N": 128, "BLOCK_V": 256, "BLOCK_D": 64}, num_warps=8, num_stages=3),
     ]
     _GRAD_CONFIGS = [
         triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_D": 32}, num_warps=8, num_stages=4),
         triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_D": 64}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_N": 64, "BLOCK_V": 256, "BLOCK_D": 32}, num_warps=8, num_stages=4),
+        triton.Config({"BLOCK_N": 128, "BLOCK_V": 256, "BLOCK_D": 64}, num_warps=8, num_stages=3),
     ]
     # fp32 tiles take twice the bytes (the 16-bit tiles above would need up to 336 KiB of shared memory) and
     # run on FMA units (ieee precision), so they are smaller.

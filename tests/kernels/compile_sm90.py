@@ -107,7 +107,19 @@ def epilogue_kernels():
         yield {**compile_one(kernel, types, dict(BLOCK=1024)), "dtype": "fp32"}
 
 
+def markdown_row(row: dict) -> str:
+    """One line of benchmarks/results/sm90_compile.md's table."""
+    c = row.get("config")
+    tile = " x ".join(str(c[k]) for k in ("BLOCK_N", "BLOCK_V", "BLOCK_D")) if c else "BLOCK 1024"
+    return (
+        f"| {row['kernel']} | {row['dtype']} | {tile} | {row.get('num_warps', 4)} | {row.get('num_stages', 3)} "
+        f"| {row['shared_bytes'] // 1024} | {row['registers']} | {row['spill_store_bytes']} | {row['wgmma']} |"
+    )
+
+
 if __name__ == "__main__":
+    # --markdown: the table rows of benchmarks/results/sm90_compile.md instead of JSON lines.
+    as_markdown = "--markdown" in sys.argv[1:]
     for row in (*head_kernels(), *epilogue_kernels()):
-        print(json.dumps(row), flush=True)
+        print(markdown_row(row) if as_markdown else json.dumps(row), flush=True)
     sys.exit(0)
