@@ -25,8 +25,8 @@ Backward (deterministic, no atomics), per chunk of Vc vocab rows (Vc from a fixe
     are divided by one power of two s chosen so that |G| <= 1 (exact), and the products are multiplied by s.
     Peak extra memory of the backward, for N tokens, Vc = `vocab_chunk(N, V, b)` and b bytes per G element:
         N Vc b (G, <= G_BUDGET_BYTES unless N is so large that 256 columns exceed it)
-        + 8 N D for 16-bit inputs (the fp32 dh accumulator and the next one addmm writes; 0 for fp32, where dh
-          is the gradient itself) + 4 Vc D for fp16 only (dW_c in fp32 before the scale) + O(N) statistics,
+        + 8 N D for 16-bit inputs (the fp32 dh accumulator and the fp32 product G W_c added to it; 0 for fp32,
+          where dh is the gradient itself) + 4 Vc D for fp16 only (dW_c in fp32 before the scale) + O(N) statistics,
     i.e. O(N + chunk); never [N, V] or an fp32 [V, D].
 Unmeasured on a GPU so far: configs are the usual Hopper choices compiled for sm_90 without a GPU.
 """
@@ -362,12 +362,13 @@ def triton_logprobs_forward(
 
 
 def _add_product(acc: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    """acc + a @ b with fp32 accumulation into the fp32 acc (a, b 16-bit or fp32); may return a new tensor.
-    cuBLAS takes 16-bit operands with an fp32 output directly; the CPU (interpreter tests) upcasts."""
+    """acc += a @ b with fp32 accumulation into the fp32 acc (a, b 16-bit or fp32).
+    cuBLAS takes 16-bit operands with an fp32 output directly (`mm(out_dtype=)`; `addmm(out_dtype=)` would
+    need acc in the operands' dtype); the CPU (interpreter tests) upcasts."""
     if a.dtype == acc.dtype:
         return acc.addmm_(a, b)
     if a.is_cuda:
-        return torch.addmm(acc, a, b, out_dtype=acc.dtype)
+        return acc.add_(torch.mm(a, b, out_dtype=acc.dtype))
     return acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
