@@ -10,9 +10,10 @@ that exp cannot overflow), ratio r = exp(d) and advantage A:
 Gradient coefficients (the per-token epilogue):
     g_t = dL/dlogp_t = w_t (-A r [unclipped branch active] + kl_coef (1 - exp(u)) [u not clamped])
     e_t = dL/dH_t    = -entropy_coef w_t
-The forward saves lse, g, e (and the entropy when entropy_coef != 0): O(tokens); the backward recomputes logits
-tile by tile in the shared core (`LinearHeadLossFunction`, core.py). The formula in plain
-torch is `ppo_terms` in reference.py; this file holds its Triton twin, the epilogue and the public function.
+The forward saves lse, g, e (and the entropy when entropy_coef != 0): O(tokens); the backward recomputes the
+logits one vocab chunk at a time in the shared core (`LinearHeadLossFunction`, core.py), with g and e folded into
+the logit gradient. The formula in plain torch is `ppo_terms` in reference.py; this file holds its Triton twin,
+the epilogue and the public function.
 """
 
 import torch

@@ -7,7 +7,9 @@ global `num_seqs` (micro-batch accumulation). PRIME (Cui et al. 2025, arXiv:2502
 Gradient (the per-token epilogue), using d BCE(x, y)/dx = sigmoid(x) - y:
     g_t = dL/dlogp_t = beta (sigmoid(score_s) - y_s) / n   for t in s, else 0
 ref_logp and labels are constants: the gradient flows into the PRM (hidden, weight, bias) only. The forward saves
-lse and g, O(tokens); the backward recomputes logits tile by tile in the shared core (`LinearHeadLossFunction`).
+lse and g, O(tokens); the backward recomputes the logits one vocab chunk at a time in the shared core
+(`LinearHeadLossFunction`, core.py), with g folded into the logit gradient. The specification is
+`linear_prm_loss_reference` in reference.py.
 """
 
 import math
