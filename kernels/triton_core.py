@@ -78,12 +78,19 @@ else:
     ]
 
 
+# FASTPRIME_AUTOTUNE=0 keeps only the first config of each kernel and dtype: for correctness runs (the GPU
+# campaign's tests), where every new shape specialisation would otherwise compile and time all configs.
+AUTOTUNE_ENV = "FASTPRIME_AUTOTUNE"
+
+
 def _configs_for_dtype(configs, named_args, **kwargs):
     """Autotune prune: each kernel lists 16-bit and fp32 configs together; keep those of H's dtype (all of
-    them when that dtype has no list of its own, as under the interpreter)."""
+    them when that dtype has no list of its own, as under the interpreter); only the first with
+    FASTPRIME_AUTOTUNE=0."""
     fp32 = named_args["H"].dtype == torch.float32
     wanted = _FWD_CONFIGS_FP32 + _GRAD_CONFIGS_FP32 if fp32 else _FWD_CONFIGS + _GRAD_CONFIGS
-    return [c for c in configs if any(c is w for w in wanted)] or configs
+    kept = [c for c in configs if any(c is w for w in wanted)] or configs
+    return kept[:1] if os.environ.get(AUTOTUNE_ENV, "1") == "0" else kept
 
 
 _BY_DTYPE = {"early_config_prune": _configs_for_dtype}
