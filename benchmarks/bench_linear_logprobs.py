@@ -19,7 +19,7 @@ from kernel_shapes import ON_CUDA, shape_params
 from torch.utils.checkpoint import checkpoint
 
 from fastprime.kernels import linear_logprobs
-from fastprime.kernels.reference import chunk_rows
+from fastprime.kernels.chunked import chunk_rows
 
 DEVICE = "cuda" if ON_CUDA else "cpu"
 SHAPES = shape_params([(256, 128, 8192), (512, 256, 32000)])

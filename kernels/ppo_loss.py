@@ -10,25 +10,34 @@ that exp cannot overflow), ratio r = exp(d) and advantage A:
 Gradient coefficients (the per-token epilogue):
     g_t = dL/dlogp_t = w_t (-A r [unclipped branch active] + kl_coef (1 - exp(u)) [u not clamped])
     e_t = dL/dH_t    = -entropy_coef w_t
-The forward saves lse, g, e (and the entropy when entropy_coef != 0): O(tokens); the backward recomputes logits
-tile by tile in the shared core (`LinearHeadLossFunction`).
+The forward saves lse, g, e (and the entropy when entropy_coef != 0): O(tokens); the backward recomputes the
+logits one vocab chunk at a time in the shared core (`LinearHeadLossFunction`, core.py), with g and e folded into
+the logit gradient. The formula in plain torch is `ppo_terms` in reference.py; this file holds its Triton twin,
+the epilogue and the public function.
 """
-
-from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastprime.kernels.dispatch import check_per_token, flat_constant, flatten_head_inputs
-from fastprime.kernels.linear_logprobs import LinearHeadLossFunction
-from fastprime.kernels.linear_logprobs_triton import on_device
-from fastprime.kernels.reference import compute_dtype, linear_logprobs_reference
+from fastprime.kernels.checks import IGNORE_INDEX, check_per_token, flat_constant, flatten_head_inputs
+from fastprime.kernels.core import HeadOptions, LinearHeadLossFunction
+from fastprime.kernels.reference import (
+    CLIP_DUAL,
+    CLIP_HIGH,
+    CLIP_LOW,
+    CLIP_NONE,
+    LOG_RATIO_CLAMP,
+    PPOOptions,
+    PPOStats,
+    compute_dtype,
+    linear_ppo_loss_reference,
+    ppo_stats,
+    ppo_terms,
+)
+from fastprime.kernels.triton_core import on_device
 
-LOG_RATIO_CLAMP = 20.0
-CLIP_NONE, CLIP_LOW, CLIP_HIGH, CLIP_DUAL = 0, 1, 2, 3
 # The same constants as compile-time values for the kernel (Triton only reads constexpr globals).
 _CLAMP_C = tl.constexpr(LOG_RATIO_CLAMP)
 _NONE_C, _LOW_C, _HIGH_C, _DUAL_C = (tl.constexpr(c) for c in (CLIP_NONE, CLIP_LOW, CLIP_HIGH, CLIP_DUAL))
@@ -85,31 +94,6 @@ def _ppo_epilogue_kernel(
     tl.store(code_ptr + offs, tl.where(valid, code, _NONE_C).to(tl.int8), mask=in_range)
 
 
-@dataclass(frozen=True)
-class PPOOptions:
-    clip_low: float
-    clip_high: float
-    dual_clip: float | None
-    temperature: float
-    kl_coef: float
-    entropy_coef: float
-    ignore_index: int
-    impl: str
-
-
-class PPOStats(NamedTuple):
-    """Detached diagnostics; scalars are 0-dim fp32 tensors averaged over the loss tokens (w != 0, not ignored)."""
-
-    logp: Tensor  # per-token log-probs, shaped like targets (0 at ignored targets)
-    clip_frac_low: Tensor  # A < 0 and ratio < 1 - clip_low: the clipped branch is active (no gradient)
-    clip_frac_high: Tensor  # A > 0 and ratio > 1 + clip_high
-    dual_clip_frac: Tensor  # A < 0 and the dual-clip bound -c A is active
-    approx_kl: Tensor  # mean(old_logp - logp), verl's `ppo_kl`
-    entropy: Tensor  # mean entropy of the tempered distribution
-    ratio: Tensor  # mean ratio
-    kl_ref: Tensor  # mean k3 KL to ref_logp (0 without ref_logp)
-
-
 def ppo_epilogue(
     logp: Tensor,
     entropy: Tensor | None,
@@ -143,7 +127,7 @@ def ppo_epilogue(
 
     valid = targets != opts.ignore_index
     ent = entropy if has_ent else None
-    term, ratio, kl, code, d, u = _ppo_terms(logp, ent, old_logp, advantages, ref_logp, valid, opts)
+    term, ratio, kl, code, d, u = ppo_terms(logp, ent, old_logp, advantages, ref_logp, valid, opts)
     zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
     adv = torch.where(valid, advantages.to(logp.dtype), zero)
     g = torch.where((code == CLIP_NONE) & (d.abs() <= LOG_RATIO_CLAMP), -adv * ratio, zero)
@@ -152,98 +136,6 @@ def ppo_epilogue(
         g = g + torch.where(u.abs() <= LOG_RATIO_CLAMP, opts.kl_coef * (1.0 - eu), zero)
     wv = torch.where(valid, w.to(logp.dtype), zero)
     return wv * term, wv * g, -opts.entropy_coef * wv, ratio, kl, code.to(torch.int8)
-
-
-def _ppo_terms(
-    logp: Tensor,
-    entropy: Tensor | None,
-    old_logp: Tensor,
-    advantages: Tensor,
-    ref_logp: Tensor | None,
-    valid: Tensor,
-    opts: PPOOptions,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The module docstring's per-token formula in plain torch (differentiable through logp and entropy).
-
-    All [N] -> (term, ratio, k3 kl, clip code, d = logp - old_logp, u = ref_logp - logp), 0 at invalid tokens;
-    the entropy bonus is left out when entropy is None, the KL term when ref_logp is None.
-    """
-    dt = logp.dtype  # fp32, or fp64 when the core ran on fp64 inputs (gradcheck)
-    zero = torch.zeros((), dtype=dt, device=logp.device)
-    adv = torch.where(valid, advantages.to(dt), zero)
-    d = torch.where(valid, logp - old_logp.to(dt), zero)
-    ratio = torch.exp(d.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
-    pg1 = -adv * ratio
-    pg2 = -adv * ratio.clamp(1.0 - opts.clip_low, 1.0 + opts.clip_high)
-    pg = torch.maximum(pg1, pg2)
-    code = torch.where(pg2 > pg1, torch.where(adv < 0, CLIP_LOW, CLIP_HIGH), CLIP_NONE)
-    if opts.dual_clip is not None:
-        pg3 = -adv * opts.dual_clip
-        dual = (adv < 0) & (pg > pg3)
-        pg = torch.where(dual, pg3, pg)
-        code = torch.where(dual, CLIP_DUAL, code)
-    term, kl, u = pg, torch.zeros_like(pg), torch.zeros_like(pg)
-    if ref_logp is not None:
-        u = torch.where(valid, ref_logp.to(dt) - logp, zero)
-        u_c = u.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-        kl = torch.exp(u_c) - u_c - 1.0
-        term = term + opts.kl_coef * kl
-    if entropy is not None:
-        term = term - opts.entropy_coef * entropy
-    return term, torch.where(valid, ratio, zero), kl, code, d, u
-
-
-def _stats(logp, entropy, ratio, kl, code, old_logp, w, targets, ignore_index) -> PPOStats:
-    loss_tok = ((targets != ignore_index) & (w != 0)).float()
-    n = loss_tok.sum().clamp(min=1.0)
-    mean = lambda x: (torch.where(loss_tok > 0, x.float(), 0.0)).sum() / n
-    return PPOStats(
-        logp=logp,
-        clip_frac_low=mean(code == CLIP_LOW),
-        clip_frac_high=mean(code == CLIP_HIGH),
-        dual_clip_frac=mean(code == CLIP_DUAL),
-        approx_kl=mean(old_logp.float() - logp),
-        entropy=mean(entropy),
-        ratio=mean(ratio),
-        kl_ref=mean(kl),
-    )
-
-
-def linear_ppo_loss_reference(
-    hidden: Tensor,
-    weight: Tensor,
-    targets: Tensor,
-    old_logp: Tensor,
-    advantages: Tensor,
-    w: Tensor,
-    *,
-    clip_low: float = 0.2,
-    clip_high: float = 0.2,
-    dual_clip: float | None = None,
-    temperature: float = 1.0,
-    ref_logp: Tensor | None = None,
-    kl_coef: float = 0.0,
-    entropy_coef: float = 0.0,
-    bias: Tensor | None = None,
-    ignore_index: int = -100,
-) -> tuple[Tensor, PPOStats]:
-    """Eager fp32 specification of `linear_ppo_loss` (materialises the [N, V] logits; torch autograd).
-
-    Shapes as in `linear_ppo_loss`, already flattened: hidden [N, D], weight [V, D], per-token tensors [N].
-    """
-    logp, entropy = linear_logprobs_reference(
-        hidden, weight, targets, bias=bias, temperature=temperature, ignore_index=ignore_index
-    )
-    opts = PPOOptions(
-        clip_low, clip_high, dual_clip, temperature, kl_coef, entropy_coef, ignore_index, "reference"
-    )
-    valid = targets != ignore_index
-    term, ratio, kl, code, _, _ = _ppo_terms(logp, entropy, old_logp, advantages, ref_logp, valid, opts)
-    loss = (torch.where(valid, w.to(logp.dtype), 0.0) * term).sum()
-    stats = _stats(
-        logp.detach(), entropy.detach(), ratio.detach(), kl.detach(), code, old_logp, w, targets, ignore_index
-    )
-    return loss, stats
 
 
 def _check_ppo_options(opts: PPOOptions, ref_logp: Tensor | None) -> None:
@@ -273,7 +165,7 @@ def linear_ppo_loss(
     kl_coef: float = 0.0,
     entropy_coef: float = 0.0,
     bias: Tensor | None = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     impl: str = "auto",
 ) -> tuple[Tensor, PPOStats]:
     """Clipped PPO loss `Σ_t w_t term_t` straight from hidden states and the lm_head, without [N, V] logits.
@@ -294,9 +186,7 @@ def linear_ppo_loss(
     impl, h, t = flatten_head_inputs(
         hidden, weight, targets, bias, temperature=temperature, ignore_index=ignore_index, impl=impl
     )
-    opts = PPOOptions(
-        clip_low, clip_high, dual_clip, float(temperature), kl_coef, entropy_coef, ignore_index, impl
-    )
+    opts = PPOOptions(clip_low, clip_high, dual_clip, kl_coef, entropy_coef, ignore_index)
     check_per_token(targets, old_logp=old_logp, advantages=advantages, w=w, ref_logp=ref_logp)
     _check_ppo_options(opts, ref_logp)
     dt = compute_dtype(hidden.dtype)
@@ -314,8 +204,9 @@ def linear_ppo_loss(
         term, g, e, ratio, kl, code = ppo_epilogue(logp, entropy, old, adv, wf, ref, t, opts, impl)
         return term.sum(), g, (e if entropy_coef != 0.0 else None), (logp, entropy, ratio, kl, code)
 
+    head = HeadOptions(float(temperature), int(ignore_index), impl)
     loss, logp, entropy, ratio, kl, code = LinearHeadLossFunction.apply(
-        h, weight, bias, t, opts.temperature, ignore_index, impl, True, epilogue
+        h, weight, t, bias, head, True, epilogue
     )
-    stats = _stats(logp, entropy, ratio, kl, code, old, wf, t, ignore_index)
+    stats = ppo_stats(logp, entropy, ratio, kl, code, old, wf, t, ignore_index)
     return loss, stats._replace(logp=logp.reshape(shape))

@@ -7,7 +7,9 @@ global `num_seqs` (micro-batch accumulation). PRIME (Cui et al. 2025, arXiv:2502
 Gradient (the per-token epilogue), using d BCE(x, y)/dx = sigmoid(x) - y:
     g_t = dL/dlogp_t = beta (sigmoid(score_s) - y_s) / n   for t in s, else 0
 ref_logp and labels are constants: the gradient flows into the PRM (hidden, weight, bias) only. The forward saves
-lse and g, O(tokens); the backward recomputes logits tile by tile in the shared core (`LinearHeadLossFunction`).
+lse and g, O(tokens); the backward recomputes the logits one vocab chunk at a time in the shared core
+(`LinearHeadLossFunction`, core.py), with g folded into the logit gradient. The specification is
+`linear_prm_loss_reference` in reference.py.
 """
 
 import math
@@ -18,10 +20,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastprime.kernels.dispatch import check_per_token, flat_constant, flatten_head_inputs
-from fastprime.kernels.linear_logprobs import LinearHeadLossFunction
-from fastprime.kernels.linear_logprobs_triton import on_device
-from fastprime.kernels.reference import compute_dtype, linear_logprobs_reference
+from fastprime.kernels.checks import IGNORE_INDEX, check_per_token, flat_constant, flatten_head_inputs
+from fastprime.kernels.core import HeadOptions, LinearHeadLossFunction
+from fastprime.kernels.reference import compute_dtype, linear_prm_loss_reference
+from fastprime.kernels.triton_core import on_device
 
 
 @triton.jit
@@ -38,8 +40,9 @@ def _prm_scores_kernel(
     ref = tl.load(ref_ptr + offs, mask=member, other=0.0)
     q = tl.where(member, logp - ref, 0.0)
     tl.store(q_ptr + offs, q, mask=in_range)
-    tl.atomic_add(score_ptr + seq, q, mask=member)
-    tl.atomic_add(count_ptr + seq, tl.where(member, 1.0, 0.0), mask=member)
+    # relaxed: the sums are read only after the kernel ends, so no ordering beyond atomicity is needed.
+    tl.atomic_add(score_ptr + seq, q, mask=member, sem="relaxed")
+    tl.atomic_add(count_ptr + seq, tl.where(member, 1.0, 0.0), mask=member, sem="relaxed")
 
 
 @triton.jit
@@ -104,39 +107,6 @@ def prm_epilogue(
     return loss, q, torch.where(member, dscore[seq], 0.0)
 
 
-def linear_prm_loss_reference(
-    hidden: Tensor,
-    weight: Tensor,
-    targets: Tensor,
-    ref_logp: Tensor,
-    seq_ids: Tensor,
-    labels: Tensor,
-    *,
-    beta: float = 0.05,
-    temperature: float = 1.0,
-    bias: Tensor | None = None,
-    ignore_index: int = -100,
-    num_seqs: int | float | Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Eager fp32 specification of `linear_prm_loss` (materialises the [N, V] logits; torch autograd).
-
-    hidden [N, D], weight [V, D], targets / ref_logp / seq_ids [N], labels [S] -> (loss 0-dim, q [N] detached).
-    """
-    logp, _ = linear_logprobs_reference(
-        hidden, weight, targets, bias=bias, temperature=temperature, ignore_index=ignore_index
-    )
-    dt = logp.dtype
-    member = (targets != ignore_index) & (seq_ids >= 0)
-    q = torch.where(member, logp - ref_logp.to(dt), 0.0)
-    S = labels.shape[0]
-    onehot = (seq_ids.unsqueeze(0) == torch.arange(S, device=seq_ids.device).unsqueeze(1)) & member  # [S, N]
-    score = beta * (onehot.to(dt) * q).sum(-1)
-    present = onehot.any(-1)
-    n = present.sum().clamp(min=1) if num_seqs is None else num_seqs
-    bce = F.binary_cross_entropy_with_logits(score, labels.to(dt), reduction="none")
-    return torch.where(present, bce, 0.0).sum() / n, q.detach()
-
-
 def _check_prm_inputs(targets, ref_logp, seq_ids, labels, beta, num_seqs) -> None:
     check_per_token(targets, ref_logp=ref_logp, seq_ids=seq_ids)
     if seq_ids.dtype.is_floating_point or seq_ids.dtype == torch.bool:
@@ -173,7 +143,7 @@ def linear_prm_loss(
     beta: float = 0.05,
     temperature: float = 1.0,
     bias: Tensor | None = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     num_seqs: int | float | Tensor | None = None,
     impl: str = "auto",
 ) -> tuple[Tensor, Tensor]:
@@ -214,7 +184,6 @@ def linear_prm_loss(
         )
         return loss, g, None, (q,)
 
-    loss, q = LinearHeadLossFunction.apply(
-        h, weight, bias, t, float(temperature), int(ignore_index), impl, False, epilogue
-    )
+    head = HeadOptions(float(temperature), int(ignore_index), impl)
+    loss, q = LinearHeadLossFunction.apply(h, weight, t, bias, head, False, epilogue)
     return loss, q.reshape(shape)

@@ -1,41 +1,37 @@
-"""Plain-PyTorch log-probs of a linear head: the eager fp32 reference and the chunked path.
+"""The specification of the three fused ops in eager PyTorch: each materialises the [N, V] logits in fp32
+(fp64 for fp64 inputs, so that `gradcheck` can run) and lets autograd differentiate.
 
-Math (T = temperature, all in fp32; fp64 inputs compute in fp64 so that `gradcheck` can run):
-    z = (h W^T + b) / T      p = softmax(z)      lse = logsumexp(z)
-    logp_t = z[target] - lse                     H = lse - sum_j p_j z_j
-Backward, with g = dL/dlogp_t and e = dL/dH per row:
-    G = g (onehot(target) - p) - e p (z - sum_j p_j z_j)
-    dh = G W / T      dW = G^T h / T      db = sum_rows G / T
+Tests use these as the oracle's twin, benchmarks as a baseline, and `impl="reference"` runs them. The fast
+paths (chunked.py, triton_core.py with the epilogues of ppo_loss.py and prm_loss.py) must equal them.
 
-`linear_logprobs_reference` materialises the [N, V] logits and lets autograd differentiate it: it is the
-specification. `chunked_logprobs_forward` / `chunked_logprobs_backward` never hold more than one chunk of
-rows x V logits (the chunk is sized by a token budget) and save only O(N) state between the two: they are
-the CPU default and the fallback wherever Triton cannot run. For bf16/fp16 inputs they also hold an fp32 copy
-of W and an fp32 dW accumulator, O(V D) each; the Triton path needs neither.
+Log-probs (T = temperature):
+    z = (h W^T + b) / T      logp_t = log_softmax(z)[target]      H = -sum_j p_j log p_j
+PPO (per valid token, d = clamp(logp - old_logp, -20, 20), r = e^d, advantage A, weights w):
+    pg_t = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high)), with dual clip c: for A < 0 min(pg_t, -c A)
+    kl_t = e^u - u - 1, u = clamp(ref_logp - logp, -20, 20)
+    L = sum_t w_t (pg_t + kl_coef kl_t - entropy_coef H_t)
+PRM (q_t = logp_t - ref_logp_t on tokens of sequence s):
+    score_s = beta sum_{t in s} q_t      L = (1/n) sum_{s present} BCE_with_logits(score_s, y_s)
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import NamedTuple
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-# Elements of one logits chunk (rows x V) in the chunked path; a few such temporaries live at once.
-# CPU: 2^23 fp32 = 32 MiB, small enough for any machine, large enough for efficient matmuls.
-# CUDA: 2^26 = 256 MiB, so that a 150K vocab still gives ~440-row matmuls that fill the GPU.
-CHUNK_ELEMENTS = 1 << 23
-CHUNK_ELEMENTS_CUDA = 1 << 26
+from fastprime.kernels.checks import IGNORE_INDEX
+
+LOG_RATIO_CLAMP = 20.0  # verl clamps log-ratios the same way, so that exp cannot overflow
+CLIP_NONE, CLIP_LOW, CLIP_HIGH, CLIP_DUAL = 0, 1, 2, 3
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Logits are kept in fp32 (fp64 for fp64 inputs, used by gradcheck), whatever the input dtype."""
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def chunk_rows(n_vocab: int, device: torch.device, *, chunk_elements: int | None = None) -> int:
-    """Rows per chunk so that rows x n_vocab stays within `chunk_elements` (default by device; >= 1 row)."""
-    if chunk_elements is None:
-        chunk_elements = CHUNK_ELEMENTS_CUDA if device.type == "cuda" else CHUNK_ELEMENTS
-    return max(1, chunk_elements // max(1, n_vocab))
 
 
 def linear_logprobs_reference(
@@ -45,7 +41,7 @@ def linear_logprobs_reference(
     *,
     bias: Tensor | None = None,
     temperature: float = 1.0,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
 ) -> tuple[Tensor, Tensor]:
     """Eager reference. hidden [..., D], weight [V, D], targets [...], bias [V] -> (logp [...], entropy [...]).
 
@@ -67,120 +63,150 @@ def linear_logprobs_reference(
     return torch.where(keep, logp, zero), torch.where(keep, entropy, zero)
 
 
-def _chunk_logits(h: Tensor, weight_c: Tensor, bias_c: Tensor | None, temperature: float) -> Tensor:
-    """[rows, D] -> tempered logits [rows, V] in weight_c's (compute) dtype."""
-    z = h.to(weight_c.dtype) @ weight_c.T
-    if bias_c is not None:
-        z += bias_c
-    return z.div_(temperature)
+@dataclass(frozen=True)
+class PPOOptions:
+    """The scalar settings of the PPO loss (see `linear_ppo_loss`)."""
+
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    dual_clip: float | None = None
+    kl_coef: float = 0.0
+    entropy_coef: float = 0.0
+    ignore_index: int = IGNORE_INDEX
 
 
-def chunked_logprobs_forward(
-    hidden: Tensor,
-    weight: Tensor,
-    targets: Tensor,
-    bias: Tensor | None,
-    *,
-    temperature: float,
-    ignore_index: int,
-    need_entropy: bool,
-    chunk_elements: int | None = None,
-) -> tuple[Tensor, Tensor | None, Tensor]:
-    """hidden [N, D], weight [V, D], targets [N], bias [V] or None -> (logp [N], entropy [N] or None, lse [N]).
+class PPOStats(NamedTuple):
+    """Detached diagnostics; scalars are 0-dim fp32 tensors averaged over the loss tokens (w != 0, not ignored)."""
 
-    All outputs fp32 (fp64 for fp64 inputs); ignored rows give logp = entropy = 0 (their lse is still the
-    real one). Holds one [rows, V] chunk of logits at a time.
-    """
-    n, v = hidden.shape[0], weight.shape[0]
-    dt = compute_dtype(hidden.dtype)
-    weight_c = weight.to(dt)
-    bias_c = None if bias is None else bias.to(dt)
-    keep = targets != ignore_index
-    safe_targets = torch.where(keep, targets, 0)
-    logp = torch.empty(n, dtype=dt, device=hidden.device)
-    lse = torch.empty(n, dtype=dt, device=hidden.device)
-    entropy = torch.empty(n, dtype=dt, device=hidden.device) if need_entropy else None
-    step = chunk_rows(v, hidden.device, chunk_elements=chunk_elements)
-    for start in range(0, n, step):
-        rows = slice(start, min(n, start + step))
-        z = _chunk_logits(hidden[rows], weight_c, bias_c, temperature)
-        # log_softmax is one fused pass on CPU and GPU (several times faster than max/sub/exp/sum by hand).
-        # lse from the argmax column, where log p is in [-log V, 0]: no cancellation at large logits.
-        log_p = torch.log_softmax(z, dim=-1)
-        z_max, arg_max = z.max(dim=-1, keepdim=True)
-        lse[rows] = (z_max - log_p.gather(1, arg_max)).squeeze(1)
-        logp[rows] = log_p.gather(1, safe_targets[rows].unsqueeze(1)).squeeze(1)
-        if entropy is not None:
-            # H = -sum p log p: a sum of non-negative terms, so no cancellation either.
-            entropy[rows] = -torch.exp(log_p).mul_(log_p).sum(-1)
-    logp.masked_fill_(~keep, 0.0)
-    if entropy is not None:
-        entropy.masked_fill_(~keep, 0.0)
-    return logp, entropy, lse
+    logp: Tensor  # per-token log-probs, shaped like targets (0 at ignored targets)
+    clip_frac_low: Tensor  # A < 0 and ratio < 1 - clip_low: the clipped branch is active (no gradient)
+    clip_frac_high: Tensor  # A > 0 and ratio > 1 + clip_high
+    dual_clip_frac: Tensor  # A < 0 and the dual-clip bound -c A is active
+    approx_kl: Tensor  # mean(old_logp - logp), verl's `ppo_kl`
+    entropy: Tensor  # mean entropy of the tempered distribution
+    ratio: Tensor  # mean ratio
+    kl_ref: Tensor  # mean k3 KL to ref_logp (0 without ref_logp)
 
 
-def chunked_logprobs_backward(
-    hidden: Tensor,
-    weight: Tensor,
-    targets: Tensor,
-    bias: Tensor | None,
-    lse: Tensor,
+def ppo_terms(
+    logp: Tensor,
     entropy: Tensor | None,
-    grad_logp: Tensor,
-    grad_entropy: Tensor | None,
-    *,
-    temperature: float,
-    ignore_index: int,
-    needs_input_grad: tuple[bool, bool, bool],
-    chunk_elements: int | None = None,
-) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """Gradients of the chunked forward. hidden [N, D], weight [V, D], targets [N], bias [V] or None,
-    lse [N], entropy [N] (needed when grad_entropy is given), grad_logp [N], grad_entropy [N] or None
-    -> (grad_hidden [N, D] in hidden.dtype, grad_weight [V, D] in weight.dtype, grad_bias [V] in bias.dtype),
-    each None where `needs_input_grad` is False. Recomputes one chunk of logits at a time, accumulates in fp32.
+    old_logp: Tensor,
+    advantages: Tensor,
+    ref_logp: Tensor | None,
+    valid: Tensor,
+    opts: PPOOptions,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The module docstring's per-token PPO formula (differentiable through logp and entropy).
+
+    All [N] -> (term, ratio, k3 kl, clip code, d = logp - old_logp, u = ref_logp - logp), 0 at invalid tokens;
+    the entropy bonus is left out when entropy is None, the KL term when ref_logp is None.
     """
-    if grad_entropy is not None and entropy is None:
-        raise ValueError("grad_entropy was given but entropy is None: the forward must compute entropy")
-    n, v = hidden.shape[0], weight.shape[0]
-    need_h, need_w, need_b = needs_input_grad
-    need_b = need_b and bias is not None
-    dt = compute_dtype(hidden.dtype)
-    weight_c = weight.to(dt)
-    bias_c = None if bias is None else bias.to(dt)
-    keep = targets != ignore_index
-    safe_targets = torch.where(keep, targets, 0)
-    # Zeroing the row coefficients of ignored rows zeroes their whole row of G; the 1/T of dz/dh is folded
-    # into the O(N) coefficients instead of a pass over each chunk.
-    g = torch.where(keep, grad_logp.to(dt), 0.0) / temperature
-    e = None
-    if grad_entropy is not None:
-        e = torch.where(keep, grad_entropy.to(dt), 0.0) / temperature
-        entropy_c = entropy.to(dt)
-    grad_h = torch.empty(n, weight.shape[1], dtype=dt, device=hidden.device) if need_h else None
-    grad_w = torch.zeros(v, weight.shape[1], dtype=dt, device=hidden.device) if need_w else None
-    grad_b = torch.zeros(v, dtype=dt, device=hidden.device) if need_b else None
-    step = chunk_rows(v, hidden.device, chunk_elements=chunk_elements)
-    for start in range(0, n, step):
-        rows = slice(start, min(n, start + step))
-        log_p = _chunk_logits(hidden[rows], weight_c, bias_c, temperature).sub_(lse[rows].to(dt).unsqueeze(1))
-        p = torch.exp(log_p)
-        g_c = g[rows].unsqueeze(1)
-        if e is not None:
-            # G = -p (g + e (log p + H)) (as z - sum p z = log p + H, free of cancellation), built in log_p's
-            # buffer; + g at the target column below.
-            log_p.add_(entropy_c[rows].unsqueeze(1)).mul_(e[rows].unsqueeze(1)).add_(g_c).mul_(p).neg_()
-            G = log_p
-        else:
-            G = p.mul_(-g_c)
-        G.scatter_add_(1, safe_targets[rows].unsqueeze(1), g_c)
-        if grad_h is not None:
-            grad_h[rows] = G @ weight_c
-        if grad_w is not None:
-            grad_w.addmm_(G.T, hidden[rows].to(dt))
-        if grad_b is not None:
-            grad_b += G.sum(0)
-    return (
-        None if grad_h is None else grad_h.to(hidden.dtype),
-        None if grad_w is None else grad_w.to(weight.dtype),
-        None if grad_b is None else grad_b.to(bias.dtype),
+    dt = logp.dtype  # fp32, or fp64 when the core ran on fp64 inputs (gradcheck)
+    zero = torch.zeros((), dtype=dt, device=logp.device)
+    adv = torch.where(valid, advantages.to(dt), zero)
+    d = torch.where(valid, logp - old_logp.to(dt), zero)
+    ratio = torch.exp(d.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    pg1 = -adv * ratio
+    pg2 = -adv * ratio.clamp(1.0 - opts.clip_low, 1.0 + opts.clip_high)
+    pg = torch.maximum(pg1, pg2)
+    code = torch.where(pg2 > pg1, torch.where(adv < 0, CLIP_LOW, CLIP_HIGH), CLIP_NONE)
+    if opts.dual_clip is not None:
+        pg3 = -adv * opts.dual_clip
+        dual = (adv < 0) & (pg > pg3)
+        pg = torch.where(dual, pg3, pg)
+        code = torch.where(dual, CLIP_DUAL, code)
+    term, kl, u = pg, torch.zeros_like(pg), torch.zeros_like(pg)
+    if ref_logp is not None:
+        u = torch.where(valid, ref_logp.to(dt) - logp, zero)
+        u_c = u.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+        kl = torch.exp(u_c) - u_c - 1.0
+        term = term + opts.kl_coef * kl
+    if entropy is not None:
+        term = term - opts.entropy_coef * entropy
+    return term, torch.where(valid, ratio, zero), kl, code, d, u
+
+
+def ppo_stats(logp, entropy, ratio, kl, code, old_logp, w, targets, ignore_index) -> PPOStats:
+    """All [N] -> `PPOStats` averaged over the loss tokens (not ignored, w != 0)."""
+    loss_tok = ((targets != ignore_index) & (w != 0)).float()
+    n = loss_tok.sum().clamp(min=1.0)
+    mean = lambda x: (torch.where(loss_tok > 0, x.float(), 0.0)).sum() / n
+    return PPOStats(
+        logp=logp,
+        clip_frac_low=mean(code == CLIP_LOW),
+        clip_frac_high=mean(code == CLIP_HIGH),
+        dual_clip_frac=mean(code == CLIP_DUAL),
+        approx_kl=mean(old_logp.float() - logp),
+        entropy=mean(entropy),
+        ratio=mean(ratio),
+        kl_ref=mean(kl),
     )
+
+
+def linear_ppo_loss_reference(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    w: Tensor,
+    *,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    dual_clip: float | None = None,
+    temperature: float = 1.0,
+    ref_logp: Tensor | None = None,
+    kl_coef: float = 0.0,
+    entropy_coef: float = 0.0,
+    bias: Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> tuple[Tensor, PPOStats]:
+    """Eager fp32 specification of `linear_ppo_loss` (materialises the [N, V] logits; torch autograd).
+
+    Shapes as in `linear_ppo_loss`, already flattened: hidden [N, D], weight [V, D], per-token tensors [N].
+    """
+    logp, entropy = linear_logprobs_reference(
+        hidden, weight, targets, bias=bias, temperature=temperature, ignore_index=ignore_index
+    )
+    opts = PPOOptions(clip_low, clip_high, dual_clip, kl_coef, entropy_coef, ignore_index)
+    valid = targets != ignore_index
+    term, ratio, kl, code, _, _ = ppo_terms(logp, entropy, old_logp, advantages, ref_logp, valid, opts)
+    loss = (torch.where(valid, w.to(logp.dtype), 0.0) * term).sum()
+    stats = ppo_stats(
+        logp.detach(), entropy.detach(), ratio.detach(), kl.detach(), code, old_logp, w, targets, ignore_index
+    )
+    return loss, stats
+
+
+def linear_prm_loss_reference(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    ref_logp: Tensor,
+    seq_ids: Tensor,
+    labels: Tensor,
+    *,
+    beta: float = 0.05,
+    temperature: float = 1.0,
+    bias: Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
+    num_seqs: int | float | Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Eager fp32 specification of `linear_prm_loss` (materialises the [N, V] logits; torch autograd).
+
+    hidden [N, D], weight [V, D], targets / ref_logp / seq_ids [N], labels [S] -> (loss 0-dim, q [N] detached).
+    """
+    logp, _ = linear_logprobs_reference(
+        hidden, weight, targets, bias=bias, temperature=temperature, ignore_index=ignore_index
+    )
+    dt = logp.dtype
+    member = (targets != ignore_index) & (seq_ids >= 0)
+    q = torch.where(member, logp - ref_logp.to(dt), 0.0)
+    S = labels.shape[0]
+    onehot = (seq_ids.unsqueeze(0) == torch.arange(S, device=seq_ids.device).unsqueeze(1)) & member  # [S, N]
+    score = beta * (onehot.to(dt) * q).sum(-1)
+    present = onehot.any(-1)
+    n = present.sum().clamp(min=1) if num_seqs is None else num_seqs
+    bce = F.binary_cross_entropy_with_logits(score, labels.to(dt), reduction="none")
+    return torch.where(present, bce, 0.0).sum() / n, q.detach()

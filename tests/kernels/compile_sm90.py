@@ -21,17 +21,32 @@ from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 from triton.runtime.autotuner import Autotuner
 
-from fastprime.kernels import linear_logprobs_triton, ppo_loss, prm_loss
+from fastprime.kernels import ppo_loss, prm_loss, triton_core
 
 TARGET = GPUTarget("cuda", 90, 32)
 TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+# The real launch at the 7B head (N=16384, D=3584, V=152064, Vc a multiple of 256) has every pointer 16-byte
+# aligned and these integers divisible by 16; Triton specialises on both ("tt.divisibility" 16), and without
+# the hints it compiles a variant with narrow loads that it does not pipeline, which never runs there.
+DIVISIBLE_INTS = {"N", "V", "D", "stride_hn", "stride_wv", "stride_gn"}
+
+
+def launch_hints(fn, types: dict) -> dict:
+    """{(arg index,): [["tt.divisibility", 16]]} for each pointer and each DIVISIBLE_INTS argument."""
+    return {
+        (i,): [["tt.divisibility", 16]]
+        for i, name in enumerate(fn.arg_names)
+        if name in types and (types[name].startswith("*") or name in DIVISIBLE_INTS)
+    }
 
 
 def compile_one(kernel, types: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 3) -> dict:
     fn = kernel.fn if isinstance(kernel, Autotuner) else kernel
     signature = {name: "constexpr" if name in constexprs else types[name] for name in fn.arg_names}
     compiled = triton.compile(
-        ASTSource(fn, signature, constexprs=constexprs),
+        ASTSource(fn, signature, constexprs=constexprs, attrs=launch_hints(fn, types)),
         target=TARGET,
         options={"num_warps": num_warps, "num_stages": num_stages},
     )
@@ -62,19 +77,14 @@ def ptxas_usage(ptx: str) -> dict:
 def head_kernels():
     for dtype, name in TYPES.items():
         precision = "ieee" if dtype == torch.float32 else "tf32"
-        inputs = {"H": "*" + name, "W": "*" + name, "B": "*" + name, "TGT": "*i64"}
-        scalars = {k: "i32" for k in ("N", "V", "D", "stride_hn", "stride_wv", "n_split")}
-        f32 = {
-            k: "*fp32"
-            for k in ("M_OUT", "S_OUT", "A_OUT", "ZT_OUT", "LSE", "GL", "GE", "ENT", "DH", "DW", "DB")
-        }
+        inputs = {"H": "*" + name, "W": "*" + name, "B": "*" + name, "TGT": "*i64", "G": "*" + name}
+        scalars = {k: "i32" for k in ("N", "V", "D", "stride_hn", "stride_wv", "stride_gn", "n_split")}
+        f32 = {k: "*fp32" for k in ("M_OUT", "S_OUT", "A_OUT", "ZT_OUT", "LSE", "GL", "GE", "ENT")}
         types = {**inputs, **scalars, **f32, "temperature": "fp32"}
+        common = dict(HAS_BIAS=True, HAS_TEMPERATURE=True, GROUP_N=triton_core.GROUP_N)
         for kernel, flags in (
-            (linear_logprobs_triton._logprobs_fwd_kernel, dict(HAS_BIAS=True, NEED_ENTROPY=True)),
-            (
-                linear_logprobs_triton._logprobs_bwd_kernel,
-                dict(HAS_BIAS=True, HAS_GE=True, NEED_DH=True, NEED_DW=True, NEED_DB=True),
-            ),
+            (triton_core._logprobs_fwd_kernel, dict(common, NEED_ENTROPY=True)),
+            (triton_core._logit_grad_kernel, dict(common, HAS_GE=True)),
         ):
             named_args = {"H": torch.empty(0, dtype=dtype, device="meta")}
             prune = kernel.early_config_prune or (lambda configs, _: configs)
@@ -97,7 +107,19 @@ def epilogue_kernels():
         yield {**compile_one(kernel, types, dict(BLOCK=1024)), "dtype": "fp32"}
 
 
+def markdown_row(row: dict) -> str:
+    """One line of benchmarks/results/sm90_compile.md's table."""
+    c = row.get("config")
+    tile = " x ".join(str(c[k]) for k in ("BLOCK_N", "BLOCK_V", "BLOCK_D")) if c else "BLOCK 1024"
+    return (
+        f"| {row['kernel']} | {row['dtype']} | {tile} | {row.get('num_warps', 4)} | {row.get('num_stages', 3)} "
+        f"| {row['shared_bytes'] // 1024} | {row['registers']} | {row['spill_store_bytes']} | {row['wgmma']} |"
+    )
+
+
 if __name__ == "__main__":
+    # --markdown: the table rows of benchmarks/results/sm90_compile.md instead of JSON lines.
+    as_markdown = "--markdown" in sys.argv[1:]
     for row in (*head_kernels(), *epilogue_kernels()):
-        print(json.dumps(row), flush=True)
+        print(markdown_row(row) if as_markdown else json.dumps(row), flush=True)
     sys.exit(0)

@@ -14,7 +14,7 @@ pytest.importorskip("triton.backends.nvidia.compiler", reason="triton was built 
 
 # cudaDevAttrMaxSharedMemoryPerBlockOptin on H100 and H200: 227 KiB.
 HOPPER_SHARED_BYTES = 232448
-HEAD_KERNELS = {"_logprobs_fwd_kernel", "_logprobs_bwd_kernel"}
+HEAD_KERNELS = {"_logprobs_fwd_kernel", "_logit_grad_kernel"}
 
 
 @pytest.fixture(scope="module")
@@ -56,3 +56,25 @@ def test_no_config_spills_kilobytes_of_registers(compiled):
     # per thread, which turns every tile's epilogue into local-memory traffic.
     assert all(row["registers"] is not None for row in compiled)
     assert [row for row in compiled if row["spill_store_bytes"] > 512] == []
+
+
+@pytest.mark.parametrize(("env", "kept"), [({}, 4), ({"FASTPRIME_AUTOTUNE": "0"}, 1)])
+def test_autotune_env_keeps_one_config(env, kept):
+    """The GPU config lists (built only without the interpreter): FASTPRIME_AUTOTUNE=0 keeps the first 16-bit
+    config of each kernel, for correctness runs that must not compile and time every config per shape."""
+    code = (
+        "import torch; from fastprime.kernels import triton_core as tc; "
+        "h = {'H': torch.empty(0, dtype=torch.bfloat16)}; "
+        "k = (tc._logprobs_fwd_kernel, tc._logit_grad_kernel); "
+        "print([len(x.early_config_prune(x.configs, h)) for x in k])"
+    )
+    clean = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTPRIME_AUTOTUNE")}
+    run = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    assert run.stdout.strip() == str([kept, kept])

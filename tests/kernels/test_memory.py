@@ -6,6 +6,7 @@ import torch
 from memory_probe import AllocationRecorder
 
 from fastprime.kernels import linear_logprobs
+from fastprime.kernels.triton_core import G_BUDGET_BYTES, vocab_chunk
 
 ON_CUDA = torch.cuda.is_available()
 
@@ -46,12 +47,19 @@ def test_chunked_never_allocates_tokens_x_vocab():
 
 
 def test_triton_never_allocates_tokens_x_vocab():
-    # The interpreter is slow, so a small shape on CPU; on CUDA the same check at the big shape.
-    n, d, v, device = (4096, 64, 65536, "cuda") if ON_CUDA else (64, 16, 4099, "cpu")
+    """The Triton backward's peak extra memory is O(N + chunk) (formula in triton_core.py's docstring): one
+    logit-gradient buffer G [N, Vc] reused across the vocab chunks, within G_BUDGET_BYTES, besides dh [N, D] and
+    the weight gradient [V, D] themselves; never a [N, V] tensor, not even in pieces that add up to one."""
+    # The interpreter is slow, so a small shape on CPU (its budget still gives 5 chunks); on CUDA a big one.
+    n, d, v, device = (4096, 64, 262144, "cuda") if ON_CUDA else (64, 16, 20011, "cpu")
     rec = run_fwd_bwd("triton", n, d, v, device)
     assert not rec.at_least(n * v), f"triton path allocated a tokens x vocab tensor: {rec.describe()}"
-    # Nothing larger than the weight gradient [V, D] itself or dh [N, D].
-    assert rec.largest().numel <= max(v, n) * d, rec.describe()
+    vc = vocab_chunk(n, v, 4)  # fp32 inputs: G in fp32
+    assert vc < v and n * vc * 4 <= G_BUDGET_BYTES
+    g_buffers = [a for a in rec.allocations if a.shape == (n, vc)]
+    assert len(g_buffers) == 1, f"expected one G [N, Vc] buffer for all chunks: {rec.describe(8)}"
+    # Nothing larger than the weight gradient [V, D], dh [N, D] or that one chunk of G.
+    assert rec.largest().numel <= max(v * d, n * d, n * vc), rec.describe()
 
 
 @pytest.mark.parametrize("impl", ["chunked", "triton"])
@@ -69,3 +77,26 @@ def test_saved_for_backward_is_inputs_plus_per_token_state(impl):
     assert saved and all(t.numel() <= n for t in saved if t.data_ptr() not in inputs), (
         f"saved beyond inputs: {extra}"
     )
+
+
+@pytest.mark.gpu
+def test_gpu_backward_peak_memory_within_the_stated_formula():
+    """bf16, measured: the backward's peak memory beyond what existed before it and beyond the two gradients
+    it returns is at most N Vc b (one chunk of G) + 8 N D (fp32 dh and one fp32 product) + O(N), as
+    triton_core.py states. Measured on a second run: the first one autotunes (Triton's timing allocates)."""
+    n, d, v = 8192, 1024, 151936
+    g = torch.Generator(device="cuda").manual_seed(0)
+    hidden = torch.randn(n, d, device="cuda", generator=g).bfloat16().requires_grad_()
+    weight = (torch.randn(v, d, device="cuda", generator=g) / d**0.5).bfloat16().requires_grad_()
+    targets = torch.randint(0, v, (n,), device="cuda", generator=g)
+    for _ in range(2):
+        hidden.grad = weight.grad = None
+        logp = linear_logprobs(hidden, weight, targets, impl="triton")
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        logp.sum().backward()
+        torch.cuda.synchronize()
+        extra = torch.cuda.max_memory_allocated() - before - 2 * (hidden.numel() + weight.numel())
+    stated = n * vocab_chunk(n, v, 2) * 2 + 8 * n * d + 64 * n * 4
+    assert extra <= stated, f"backward peak extra {extra / 2**20:.0f} MiB > stated {stated / 2**20:.0f} MiB"

@@ -1,4 +1,6 @@
-"""Choosing an implementation of the fused log-prob core, and checking its inputs."""
+"""Input checks every public op shares: which implementation runs, and whether the tensors make sense.
+
+Also the one `IGNORE_INDEX`: a target equal to it carries no loss and gets no gradient (PyTorch's default)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import os
 import torch
 from torch import Tensor
 
+IGNORE_INDEX = -100
 IMPLS = ("reference", "chunked", "triton")
 IMPL_ENV = "FASTPRIME_KERNEL_IMPL"
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
