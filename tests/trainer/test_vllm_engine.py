@@ -58,7 +58,9 @@ def engine(built):
 
 @pytest.fixture(scope="module")
 def prompts(tok):
-    qs = ["1+2=", "7-3*2=", "(4+5)*3=", "9=", "2*2*2=", "8-1-1="]
+    # The last prompt spans more than one KV block (128 tokens on CPU): only full blocks enter the prefix
+    # cache, so it is what exposes a weight sync that forgets to reset the cache.
+    qs = ["1+2=", "7-3*2=", "(4+5)*3=", "9=", "2*2*2=", "1+2*3-4=" * 18]
     return [tok(f"<|user|>{q}<|assistant|>")["input_ids"] for q in qs]
 
 
