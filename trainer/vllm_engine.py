@@ -267,7 +267,7 @@ class VLLMRolloutEngine:
         """Restore weights (if not already woken by sync_weights) and the KV cache before the next rollout."""
         if not self.sleep_mode:
             raise RuntimeError("wake_up() needs the engine built with sleep_mode=True (CUDA only)")
-        self.llm.wake_up(tags=["kv_cache"] if self._weights_awake else None)
+        self.llm.wake_up()  # all tags: vLLM's allocator skips what sync_weights already woke
         self.sleeping, self._weights_awake = False, True
 
     def close(self) -> None:
