@@ -23,6 +23,7 @@ How it is wired (each point checked against vLLM 0.32's source and on its CPU bu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -91,6 +92,18 @@ def _repack_tied_head(worker) -> None:
     head.quant_method.process_weights_after_loading(head)
 
 
+@contextlib.contextmanager
+def _environ(defaults: dict[str, str]) -> Iterator[None]:
+    """Sets the environment variables in `defaults` that are unset, and removes them again on exit."""
+    added = {k: v for k, v in defaults.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
+
+
 class _GlobalStateGuard:
     """Saves the global RNGs and `torch.set_num_threads`, which building a vLLM engine overwrites."""
 
@@ -152,12 +165,13 @@ class VLLMRolloutEngine:
         self._expected = checkpoint_names(model_path)
         self._tied = TIED_HEAD not in self._expected
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        os.environ.setdefault("RANK", str(dist.get_rank()))
-        os.environ.setdefault("LOCAL_RANK", "0")  # torchrun sets both; a plain run is a group of one
         from vllm import LLM
 
         gpu_only = {"gpu_memory_utilization": gpu_memory_utilization, "enable_sleep_mode": sleep_mode}
-        with _GlobalStateGuard():
+        # torchrun sets RANK/LOCAL_RANK; a plain run (a group of one) gets them for the construction only, as
+        # init_distributed takes a RANK in the environment to mean "started by torchrun".
+        launcher = {"RANK": str(dist.get_rank()), "LOCAL_RANK": "0"}
+        with _GlobalStateGuard(), _environ(launcher):
             self.llm = LLM(
                 model=str(model_path),
                 dtype=dtype,

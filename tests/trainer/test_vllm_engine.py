@@ -4,6 +4,7 @@ One engine serves the whole module (building one costs seconds, and vLLM keeps p
 test first syncs the weights it needs, which is itself what the weight-sync tests check."""
 
 import copy
+import os
 
 import pytest
 import torch
@@ -191,3 +192,16 @@ def test_sync_streamed_from_fsdp2_shards(engine, tok, prompts):
     engine.sync_weights(stream_full_params(policy, dtype=torch.float32))
     got = [r.response_ids for r in engine.greedy(prompts, max_new_tokens=MAX_NEW)]
     assert got == [hf_greedy(new, p, MAX_NEW, tok.eos_token_id) for p in prompts]
+
+
+def test_building_the_engine_leaves_no_launcher_variables(built):
+    # A RANK left in the environment would make the next init_distributed() wait for torchrun's rendezvous.
+    assert "RANK" not in os.environ and "LOCAL_RANK" not in os.environ
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+def test_sleep_mode_is_refused_on_cpu(engine, tok, tmp_path):
+    with pytest.raises(ValueError, match="sleep_mode=True needs a CUDA GPU"):
+        VLLMRolloutEngine(tmp_path, eos_token_ids=[tok.eos_token_id], sleep_mode=True)
+    with pytest.raises(RuntimeError, match="sleep_mode=True"):
+        engine.sleep()
