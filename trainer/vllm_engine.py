@@ -3,22 +3,25 @@
 Same interface as `rollout.HFRolloutEngine` (`generate(prompts, n=, seed=)` grouped by prompt, `sync_weights`),
 plus what vLLM gives for free: the sampling log-prob of every response token, and `greedy` for evaluation.
 
-How it is wired (each point checked against vLLM 0.32's source and on its CPU build):
+How it is wired (checked against vLLM 0.32's source and on its CPU build unless said otherwise):
 - One engine per rank, tensor parallel 1, in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), reusing the
   trainer's process group (`distributed_executor_backend="external_launcher"`): create the group first
-  (`models.init_distributed`); vLLM reads RANK/LOCAL_RANK from the environment, set here for a plain run.
+  (`models.init_distributed`). vLLM reads RANK/LOCAL_RANK from the environment; for a plain run they are
+  set during construction only (left behind, init_distributed would take the process for a torchrun one).
 - Weight sync streams (name, tensor) pairs in the engine's dtype into `reload_weights` (vLLM's own loader,
   which re-packs weights for the CPU's oneDNN kernels), then resets the prefix cache: a prompt cached under
-  the old weights would otherwise keep its old KV values.
+  the old weights would otherwise keep its old KV values. On CPU a tied LM head is re-packed afterwards
+  (see `_repack_tied_head`).
 - `LLM(seed=...)` reseeds Python's, NumPy's and torch's global RNGs, and the CPU worker replaces
   `torch.set_num_threads` by a no-op; both are restored after construction, so the trainer's RNG stream and
   thread control are as if no engine had been built. (vLLM's CPU worker may bind its OpenMP threads; that
   part is not undone.)
 - Sample j of request i is seeded with seed + i*n + j (vLLM seeds the n children of a request seed + j), so
-  a call's samples are reproducible and distinct. On CPU chunked prefill is off: with per-request seeds it
-  fails there ("CPU Generator does not use offset").
+  a call's samples are reproducible and distinct. On CPU chunked prefill is off: issue 10 found that with
+  per-request seeds it fails there ("CPU Generator does not use offset"; not re-tested here).
 - GPU only: sleep mode (free the KV cache, and at level 2 the weights, while the trainer runs) and
-  `gpu_memory_utilization`; refused with a clear error on CPU, where vLLM does not support sleep mode.
+  `gpu_memory_utilization`; sleep mode is refused with a clear error on CPU (vLLM's CPU worker does not
+  support it: its sleep() only logs a warning).
 """
 
 from __future__ import annotations
