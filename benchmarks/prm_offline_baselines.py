@@ -1,0 +1,70 @@
+"""Issue 12, part 1: how well do trivial features rank a group's responses? The bar an implicit PRM must clear.
+
+    OMP_NUM_THREADS=1 python benchmarks/prm_offline_baselines.py --pool runs/prm_offline
+
+Features of each response: length, truncation, and the SFT (= reference) model's own log-probs of the sampled
+tokens (sum, mean, min). Each feature's orientation (higher = better or worse) is chosen on the train split's
+mixed groups; pairwise accuracy (trainer/process_rewards.py) and AUC are reported on the held-out mixed groups,
+the same responses `prm_offline.py` evaluates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+
+import torch
+
+from fastprime.trainer.demo import build_tiny_model, build_tokenizer
+
+try:
+    from prm_offline import groups_of, load_pool, per_token, ranking
+except ImportError:
+    from benchmarks.prm_offline import groups_of, load_pool, per_token, ranking
+
+
+def features(items: list[dict], logps: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {
+        "length": torch.tensor([float(len(it["response_ids"])) for it in items]),
+        "truncated": torch.tensor([float(it["truncated"]) for it in items]),
+        "sft_sum_logp": torch.stack([lp.sum() for lp in logps]),
+        "sft_mean_logp": torch.stack([lp.mean() for lp in logps]),
+        "sft_min_logp": torch.stack([lp.min() for lp in logps]),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--pool", default="runs/prm_offline")
+    ap.add_argument("--max-eval", type=int, default=2000)
+    ap.add_argument("--json", default="")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    pool_dir = pathlib.Path(args.pool)
+    k, items = load_pool(pool_dir)
+    tok = build_tokenizer()
+    sft = build_tiny_model(tok, seed=0)
+    sft.load_state_dict(torch.load(pool_dir / "sft.pt"))
+    train = [it for g in groups_of(items, k, "train", mixed_only=True)[:500] for it in g]
+    held = [it for g in groups_of(items, k, "heldout", mixed_only=True) for it in g][: args.max_eval]
+    f_train = features(train, per_token(sft, train, tok.pad_token_id))
+    f_held = features(held, per_token(sft, held, tok.pad_token_id))
+    acc_train = torch.tensor([it["acc"] for it in train])
+    acc_held = torch.tensor([it["acc"] for it in held])
+    out = {}
+    for name in f_train:
+        sign = 1.0 if ranking(f_train[name], acc_train, k)["pairwise"] >= 0.5 else -1.0
+        out[name] = {"orientation": "higher is better" if sign > 0 else "lower is better",
+                     **ranking(sign * f_held[name], acc_held, k)}  # fmt: skip
+        print(f"{name:14s} ({out[name]['orientation']}): held-out pairwise {out[name]['pairwise']:.3f}, "
+              f"AUC {out[name]['auc']:.3f}")  # fmt: skip
+    print(
+        f"{len(held)} held-out responses in {len(held) // k} mixed groups; orientation from {len(train)} train"
+    )
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
