@@ -153,8 +153,9 @@ def main() -> None:
     log_path = out_dir / f"{args.name}.jsonl"
     log_path.write_text("")
 
-    def record(step: int, loss: float) -> None:
+    def record(step: int, loss: float, fresh_pairwise: float = float("nan")) -> None:
         rec = {"step": step, "responses_seen": step * args.batch, "train_loss": loss,
+               "fresh_batch_pairwise": fresh_pairwise,
                "held": evaluate(prm, held, ref_held, pad, k, args.beta),
                "train_probe": evaluate(prm, probe, ref_probe, pad, k, args.beta),
                "seconds": time.perf_counter() - t0, **{f"arg_{a}": v for a, v in vars(args).items()}}  # fmt: skip
@@ -163,11 +164,11 @@ def main() -> None:
         h, p = rec["held"], rec["train_probe"]
         print(f"step {step:4d} loss {loss:.4f} held pairwise {h['pairwise']:.3f} auc {h['auc']:.3f} "
               f"(Σq correct {h['q_sum_correct']:+.2f} wrong {h['q_sum_wrong']:+.2f}) | train-probe pairwise "
-              f"{p['pairwise']:.3f} | {rec['seconds']:.0f} s", flush=True)  # fmt: skip
+              f"{p['pairwise']:.3f} | fresh batches {fresh_pairwise:.3f} | {rec['seconds']:.0f} s", flush=True)  # fmt: skip
 
     record(0, float("nan"))
     order: list[int] = []
-    losses = []
+    losses, fresh = [], []
     for step in range(1, total_steps + 1):
         if len(order) < args.batch:  # reshuffle groups (kept whole) each epoch
             gidx = list(range(len(train) // k))
@@ -183,15 +184,19 @@ def main() -> None:
             ref_pad[b][resp[b]] = ref_train[i]
         q_sum = ((lp - ref_pad) * resp).sum(1)
         labels = torch.tensor([it["acc"] for it in batch])
+        fresh.append(
+            prm_pairwise_accuracy(q_sum.detach(), labels, k=k)
+        )  # the online metric: before the update
         loss = F.binary_cross_entropy_with_logits(args.beta * q_sum, labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(prm.parameters(), 10.0)
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if step % args.eval_every == 0 or step == total_steps:
-            record(step, sum(losses) / len(losses))
-            losses = []
+            fresh_batches = [x for x in fresh if x is not None]
+            record(step, sum(losses) / len(losses), sum(fresh_batches) / max(len(fresh_batches), 1))
+            losses, fresh = [], []
     if args.save:
         torch.save(prm.state_dict(), out_dir / f"{args.name}.pt")
 

@@ -24,6 +24,16 @@ except ImportError:
     from benchmarks.prm_offline import groups_of, load_pool, per_token, ranking
 
 
+def pairwise_ties_half(score: torch.Tensor, acc: torch.Tensor, k: int) -> tuple[float, float]:
+    """(pairwise accuracy with a score tie counted as 1/2, fraction of tied pairs) over pairs with different acc;
+    prm_pairwise_accuracy counts a tie as wrong, which sinks discrete features such as length."""
+    s, a = score.double().view(-1, k), acc.double().view(-1, k)
+    ds, da = s[:, :, None] - s[:, None, :], a[:, :, None] - a[:, None, :]
+    pair = torch.triu(torch.ones(k, k, dtype=torch.bool), 1) & (da != 0)
+    right = (torch.sign(ds) == torch.sign(da)).double() + 0.5 * (ds == 0).double()
+    return float(right[pair].mean()), float((ds == 0)[pair].double().mean())
+
+
 def features(items: list[dict], logps: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     return {
         "length": torch.tensor([float(len(it["response_ids"])) for it in items]),
@@ -55,10 +65,11 @@ def main() -> None:
     out = {}
     for name in f_train:
         sign = 1.0 if ranking(f_train[name], acc_train, k)["pairwise"] >= 0.5 else -1.0
+        half, ties = pairwise_ties_half(sign * f_held[name], acc_held, k)
         out[name] = {"orientation": "higher is better" if sign > 0 else "lower is better",
-                     **ranking(sign * f_held[name], acc_held, k)}  # fmt: skip
-        print(f"{name:14s} ({out[name]['orientation']}): held-out pairwise {out[name]['pairwise']:.3f}, "
-              f"AUC {out[name]['auc']:.3f}")  # fmt: skip
+                     **ranking(sign * f_held[name], acc_held, k), "pairwise_ties_half": half, "tied_pairs": ties}  # fmt: skip
+        print(f"{name:14s} ({out[name]['orientation']}): held-out pairwise {out[name]['pairwise']:.3f} "
+              f"(ties as 1/2: {half:.3f}, tied {ties:.2f}), AUC {out[name]['auc']:.3f}")  # fmt: skip
     print(
         f"{len(held)} held-out responses in {len(held) // k} mixed groups; orientation from {len(train)} train"
     )
