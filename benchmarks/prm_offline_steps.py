@@ -95,6 +95,24 @@ def profile(values: list[torch.Tensor], mistakes: list[dict]) -> dict:
     }  # fmt: skip
 
 
+BINS = (-99.0, -3.0, -2.0, -1.0, -0.5, -0.1)
+
+
+def matched_by_ref_logp(q_wrong, ref_wrong, mistakes, q_right, ref_right) -> list[dict]:
+    """Mean q at first wrong tokens vs at tokens of correct responses whose reference log-prob is in the same
+    bin: if the PRM only sharpened the reference (q a function of logp_ref), the two would be equal."""
+    at_q = torch.tensor([float(q[m["token"]]) for q, m in zip(q_wrong, mistakes)])
+    at_r = torch.tensor([float(r[m["token"]]) for r, m in zip(ref_wrong, mistakes)])
+    all_q, all_r = torch.cat(q_right), torch.cat(ref_right)
+    rows = []
+    for lo, hi in zip(BINS[:-1], BINS[1:]):
+        w, c = (at_r >= lo) & (at_r < hi), (all_r >= lo) & (all_r < hi)
+        if w.sum() >= 5 and c.sum() >= 5:
+            rows.append({"ref_logp_bin": [lo, hi], "n_wrong": int(w.sum()), "q_first_wrong": float(at_q[w].mean()),
+                         "n_correct": int(c.sum()), "q_correct_resp": float(all_q[c].mean())})  # fmt: skip
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--pool", default="runs/prm_offline")
@@ -119,16 +137,27 @@ def main() -> None:
     ref.load_state_dict(torch.load(pool_dir / "sft.pt"))
     ref_lp = per_token(ref, items_w, tok.pad_token_id)
     results = {"kinds": kinds, "sft_logp": profile(ref_lp, mistakes)}
+    right = [it for it in items if it["split"] == "heldout" and it["acc"] > 0.5][: args.max_wrong]
+    ref_right = per_token(ref, right, tok.pad_token_id)
+    matched = {}
     for path in args.prm:
         prm = build_tiny_model(tok, seed=0)
         prm.load_state_dict(torch.load(path))
         lp = per_token(prm, items_w, tok.pad_token_id)
-        results[pathlib.Path(path).stem] = profile([a - r for a, r in zip(lp, ref_lp)], mistakes)
+        q_wrong = [a - r for a, r in zip(lp, ref_lp)]
+        results[pathlib.Path(path).stem] = profile(q_wrong, mistakes)
+        q_right = [a - r for a, r in zip(per_token(prm, right, tok.pad_token_id), ref_right)]
+        matched[pathlib.Path(path).stem] = matched_by_ref_logp(q_wrong, ref_lp, mistakes, q_right, ref_right)
     for name, r in results.items():
         if name != "kinds":
             print(f"{name}: at first wrong token {r['at_first_wrong_token']:+.4f}, first wrong line "
                   f"{r['first_wrong_line']:+.4f}, correct lines before {r['correct_lines_before']:+.4f}, "
                   f"line drops in {r['frac_line_drops']:.2f} of {r['n_with_prefix']}")  # fmt: skip
+    for name, rows in matched.items():
+        for r in rows:
+            print(f"{name}: ref logp in {r['ref_logp_bin']}: q at first wrong token {r['q_first_wrong']:+.3f} "
+                  f"(n={r['n_wrong']}) vs q on correct responses' tokens {r['q_correct_resp']:+.3f} (n={r['n_correct']})")  # fmt: skip
+    results["matched_by_ref_logp"] = matched
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(results, indent=1))
     if args.plot:
@@ -137,7 +166,7 @@ def main() -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        names = [n for n in results if n not in ("kinds", "sft_logp")]
+        names = [n for n in results if n not in ("kinds", "sft_logp", "matched_by_ref_logp")]
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
         xs = list(range(-WINDOW, WINDOW + 1))
         axes[0].plot(xs, results["sft_logp"]["profile"], marker="o")
