@@ -40,6 +40,7 @@ def main() -> None:
     ap.add_argument("--pool", default="runs/prm_offline")
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--json", default="")
+    ap.add_argument("--save-prm", default="", help="also save the PRM's HF state dict here (.pt)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     pool_dir = pathlib.Path(args.pool)
@@ -61,6 +62,8 @@ def main() -> None:
     ref_lp = per_token(ref, held, tok.pad_token_id)
     prm = build_tiny_model(tok, seed=0)
     prm.load_state_dict(model_state(full, "prm"), strict=False)
+    if args.save_prm:
+        torch.save(prm.state_dict(), args.save_prm)
     out["prm_on_sft_samples"] = r = evaluate(prm, held, ref_lp, tok.pad_token_id, k, 1.0)
     print(
         f"online PRM on the SFT pool's held-out mixed groups: pairwise {r['pairwise']:.3f} AUC {r['auc']:.3f}"
