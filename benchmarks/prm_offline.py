@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from fastprime.trainer.demo import build_tiny_model, build_tokenizer
-from fastprime.trainer.process_rewards import prm_pairwise_accuracy
+from fastprime.trainer.prm import prm_pairwise_accuracy
 
 
 def load_pool(pool_dir: pathlib.Path) -> tuple[int, list[dict]]:

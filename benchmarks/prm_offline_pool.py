@@ -19,9 +19,10 @@ import time
 
 import torch
 
+from fastprime.trainer.config import WarmStartConfig
 from fastprime.trainer.demo import build_tiny_model, build_tokenizer, make_arithmetic_rows
-from fastprime.trainer.rewards import VerifierPool
-from fastprime.trainer.warmstart import WarmStartConfig, warm_start
+from fastprime.trainer.verifiers import VerifierPool
+from fastprime.trainer.warmstart import warm_start
 
 
 def prompt_ids(tok, row: dict) -> list[int]:

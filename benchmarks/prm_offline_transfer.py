@@ -18,7 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from fastprime.trainer.demo import build_tiny_model, build_tokenizer, make_arithmetic_rows
-from fastprime.trainer.rewards import VerifierPool
+from fastprime.trainer.verifiers import VerifierPool
 
 try:
     from prm_offline import evaluate, groups_of, per_token, ranking

@@ -19,9 +19,11 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from fastprime.trainer.batch import Batch
 from fastprime.trainer.demo import build_tiny_model, build_tokenizer, make_arithmetic_rows
 from fastprime.trainer.models import HeadlessLM
-from fastprime.trainer.passes import Batch, Dist, logprob_pass, prm_pass
+from fastprime.trainer.passes import Dist, logprob_pass
+from fastprime.trainer.prm import prm_pass
 
 try:
     from prm_offline import padded_batch, token_logp
