@@ -1,0 +1,161 @@
+"""PRIME vs outcome-only RLOO with the same budget on several seeds (issue 12, part 3): runs, table, plot.
+
+    python benchmarks/prime_vs_rloo.py                                   # demo config, prime + rloo, seeds 0 1 2
+    python benchmarks/prime_vs_rloo.py --variants prime prime-before prime-none rloo --seeds 0 1 2 3
+    python benchmarks/prime_vs_rloo.py --train.iterations 50             # unknown flags go to trainer/main.py
+    python benchmarks/prime_vs_rloo.py --report-only                     # only table + plot from finished runs
+
+Each run is `python trainer/main.py <passed flags> <variant flags> --train.seed S` in its own folder
+<out>/<variant>_seed<S>, one after another, with OMP_NUM_THREADS set. A run whose metrics.jsonl reaches the
+configured last iteration (with its final evaluation) is skipped, an unfinished one with a checkpoint resumes
+(`--run.resume auto`), one without is started over: the command can be spread over sessions. The table
+(<results>.md) and plot (<results>.png) use the finished runs only; numbers: prime_vs_rloo_report.py.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import sys
+import time
+
+import yaml
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import prime_vs_rloo_report as report  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+# Flags each variant adds after the passed-through ones (the last occurrence of a flag wins).
+VARIANTS = {
+    "prime": ["--prm.update", "after"],
+    "prime-before": ["--prm.update", "before"],
+    "prime-none": ["--prm.update", "none"],
+    "rloo": ["--algorithm.process-coef", "0"],
+}
+META = "bench_meta.json"
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
+    p.add_argument("--variants", nargs="+", default=["prime", "rloo"], choices=list(VARIANTS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--out", default="runs/prime_vs_rloo", help="parent folder of the run folders")
+    p.add_argument("--results", default="benchmarks/results/prime_vs_rloo",
+                   help="path stem of the table (.md) and plot (.png)")  # fmt: skip
+    p.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of each run")
+    p.add_argument("--window", type=int, default=10, help="iterations of the trailing mean of the curves")
+    p.add_argument("--report-only", action="store_true", help="run nothing, only write table and plot")
+    args, trainer_flags = p.parse_known_args(argv)
+    if len(args.seeds) < 3:
+        print(f"note: {len(args.seeds)} seed(s); the issue asks for >= 3", file=sys.stderr)
+    return args, trainer_flags
+
+
+def run_state(run_dir: pathlib.Path) -> str:
+    """'done' (metrics reach the configured last iteration with its evaluation), 'resume' (a checkpoint to go
+    on from), 'fresh' (nothing usable)."""
+    metrics, config = run_dir / "metrics.jsonl", run_dir / "config.yaml"
+    if metrics.exists() and config.exists():
+        iterations = yaml.safe_load(config.read_text())["train"]["iterations"]
+        records = report.read_records(metrics)
+        if records and records[-1]["step"] == iterations and records[-1].get(report.EVAL_ACC) is not None:
+            return "done"
+    checkpoints = run_dir / "checkpoints"
+    return "resume" if checkpoints.is_dir() and any(checkpoints.iterdir()) else "fresh"
+
+
+def machine() -> str:
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{platform.node()}: {os.cpu_count()} CPU cores ({platform.machine()}), {gpu}, torch {torch.__version__}"
+
+
+def train(run_dir: pathlib.Path, variant: str, seed: int, trainer_flags: list[str], threads: int) -> None:
+    """One run as a subprocess (output streamed), with its machine, times and command in bench_meta.json."""
+    state = run_state(run_dir)
+    if state == "done":
+        print(f"[skip] {run_dir.name}: finished", flush=True)
+        return
+    if state == "fresh" and run_dir.exists():
+        shutil.rmtree(run_dir)  # a start that died before its first checkpoint: nothing to resume from
+    cmd = [sys.executable, "trainer/main.py", *trainer_flags, *VARIANTS[variant], "--train.seed", str(seed),
+           "--run.output-dir", str(run_dir.parent), "--run.name", run_dir.name, "--run.no-progress"]  # fmt: skip
+    if state == "resume":
+        cmd += ["--run.resume", "auto"]
+    print(f"[{state}] {run_dir.name}: {' '.join(cmd)}", flush=True)
+    started, t0 = datetime.datetime.now(datetime.UTC), time.perf_counter()
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    rc = subprocess.run(cmd, cwd=ROOT, env=env, check=False).returncode
+    meta = {"machine": machine(), "started_utc": started.isoformat(timespec="seconds"),
+            "wall_s": round(time.perf_counter() - t0, 1), "returncode": rc, "command": cmd, "resumed": state == "resume"}  # fmt: skip
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / META, "a") as f:  # appended: a resumed run keeps each session's line
+        f.write(json.dumps(meta) + "\n")
+    if rc != 0:
+        raise SystemExit(f"{run_dir.name} failed with exit code {rc}; rerun the same command to resume it")
+
+
+def finished_runs(
+    out: pathlib.Path, variants: list[str], seeds: list[int]
+) -> tuple[dict, list[str], list[dict]]:
+    """variant -> records of each finished seed; the names of the missing runs; every run's meta lines."""
+    runs, missing, metas = {}, [], []
+    for variant in variants:
+        for seed in seeds:
+            run_dir = out / f"{variant}_seed{seed}"
+            if run_state(run_dir) != "done":
+                missing.append(run_dir.name)
+                continue
+            runs.setdefault(variant, []).append(report.read_records(run_dir / "metrics.jsonl"))
+            if (run_dir / META).exists():
+                metas += [json.loads(ln) for ln in (run_dir / META).read_text().splitlines() if ln.strip()]
+    return runs, missing, metas
+
+
+def header(trainer_flags: list[str], seeds: list[int], missing: list[str], metas: list[dict]) -> str:
+    machines = sorted({m["machine"] for m in metas}) or ["unknown (no bench_meta.json)"]
+    dates = sorted(m["started_utc"] for m in metas)
+    when = f"{dates[0]} .. {dates[-1]} (run starts, UTC)" if dates else "unknown"
+    wall = sum(m["wall_s"] for m in metas)
+    flags = " ".join(trainer_flags) or "(none: configs/demo.yaml)"
+    lines = ["# PRIME vs outcome-only RLOO (issue 12, part 3)", "",
+             f"Written {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC by `benchmarks/prime_vs_rloo.py`.",
+             f"- Machine: {'; '.join(machines)}", f"- Runs: {when}, {wall / 60:.0f} min of training wall time in all",
+             f"- Trainer flags passed: `{flags}`; seeds {seeds}",
+             "- Variants: prime = PRM update after (the default), prime-before / prime-none = `--prm.update`, "
+             "rloo = `--algorithm.process-coef 0` (PRM off)"]  # fmt: skip
+    if missing:
+        lines.append(f"- Not finished, left out: {', '.join(missing)}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, trainer_flags = parse_args(argv)
+    out = pathlib.Path(args.out) if pathlib.Path(args.out).is_absolute() else ROOT / args.out
+    if not args.report_only:
+        for seed in args.seeds:  # seed-major: a partial campaign still has every variant on the first seeds
+            for variant in args.variants:
+                train(out / f"{variant}_seed{seed}", variant, seed, trainer_flags, args.threads)
+    runs, missing, metas = finished_runs(out, args.variants, args.seeds)
+    if not runs:
+        raise SystemExit(f"no finished run under {out}")
+    head = header(trainer_flags, args.seeds, missing, metas)
+    stem = pathlib.Path(args.results) if pathlib.Path(args.results).is_absolute() else ROOT / args.results
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    md = stem.with_suffix(".md")
+    md.write_text(report.table(runs, args.window, head) + f"\n![curves]({stem.name}.png)\n")
+    title = head.splitlines()[3].removeprefix("- ") + " | " + head.splitlines()[4].removeprefix("- ")
+    png = report.plot(runs, args.window, title, stem.with_suffix(".png"))
+    print(md.read_text(), flush=True)
+    print(f"table: {md}\nplot: {png}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
