@@ -158,7 +158,7 @@ def table(runs: dict[str, list[list[dict]]], window: int, header: str) -> str:
         start = f"{_pct(e.mean[0])} ± {_pct(e.std[0])}" if e else "n/a"
         final = f"{_pct(e.mean[-1])} ± {_pct(e.std[-1])}" if e else "n/a"
         reward = f"{_pct(smooth(r.mean, window)[-1])} ± {_pct(r.std[-1])}" if r else "n/a"
-        tail = f"{sum(p.mean[-window:]) / len(p.mean[-window:]):.3f}" if p else "n/a (PRM off)"
+        tail = f"{sum(p.mean[-window:]) / len(p.mean[-window:]):.3f}" if p else "n/a (not logged)"
         iters = r.steps[-1] if r else "n/a"
         lines.append(
             f"| {variant} | {len(runs[variant])} | {iters} | {start} | {final} | {reward} | {tail} |"

@@ -97,7 +97,7 @@ def test_table_shows_the_numbers():
     assert (
         "42.0 ± 1.6" in prime_row and "55.0 ± 0.0" in prime_row and "0.750" in prime_row
     )  # PRM: (0.7+0.8)/2
-    assert "n/a (PRM off)" in next(ln for ln in md.splitlines() if ln.startswith("| rloo |"))
+    assert "n/a (not logged)" in next(ln for ln in md.splitlines() if ln.startswith("| rloo |"))
     vs = next(ln for ln in md.splitlines() if ln.startswith("| prime | 2 (4)"))
     assert "2.00x" in vs and "+20.0 (+57.1%)" in vs and "+10.0" in vs and "yes" in vs
 
