@@ -41,6 +41,9 @@ class ModelConfig:
     """Recompute each decoder block's activations in the backward pass (saves memory, costs ~1/3 more compute)."""
     mixed_precision: bool = True
     """On GPU: bf16 compute over fp32 master weights with fp32 gradient reduce. CPU always runs fp32."""
+    offload: bool = False
+    """GPU only: keep the PRM's and the reference's shards (and so the PRM's gradients and optimizer states) in
+    CPU memory; each comes to the GPU only for its own passes (FSDP2 CPUOffloadPolicy). The policy stays on GPU."""
 
 
 @dataclass
@@ -325,6 +328,13 @@ def validate(cfg: Config) -> Config:
         f"rollout.prompts_per_generate={cfg.rollout.prompts_per_generate} must be > 0",
     )
     _validate_rollout_backend(cfg.rollout)
+    if cfg.model.offload:
+        import torch
+
+        need(
+            torch.cuda.is_available(),
+            "model.offload=true needs a CUDA GPU (on CPU everything is in CPU memory)",
+        )
     f = cfg.filter
     need(0.0 <= f.lo <= f.hi <= 1.0, f"filter.lo={f.lo}, filter.hi={f.hi}: need 0 <= lo <= hi <= 1")
     need(f.max_rounds >= 1, f"filter.max_rounds={f.max_rounds} must be >= 1")
