@@ -95,3 +95,27 @@ def test_final_export_loads_and_holds_the_trained_policy(runs):
     trained, initial = lm.state_dict(), start.state_dict()
     assert trained.keys() == initial.keys()
     assert any(not torch.equal(trained[k], initial[k]) for k in trained), "three updates must move the policy"
+
+
+def test_two_ranks_under_torchrun(tmp_path):
+    """One engine per rank (vLLM sees the 2-rank group as data parallel 2, tensor parallel 1), prompts split
+    over ranks, every rank's engine synced: the agreement check covers both ranks' samples."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        str(REPO / "trainer" / "main.py"),
+    ]
+    cmd += ["--config", str(HERE / "vllm" / "two_ranks.yaml"), "--rollout.backend", "vllm"]
+    cmd += ["--run.output-dir", str(tmp_path), "--run.name", "two"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(ln) for ln in lines if ln.strip()]
+    assert [r["step"] for r in records] == [0, 1, 2]
+    for r in records[1:]:
+        assert r["rollout/responses"] == r["batch/responses"] == 12
+        assert r["rollout/logprob_diff_max"] < 1e-2, r
