@@ -130,7 +130,6 @@ def train_step(t: Trainer, step: int, timer: Timer) -> dict:
     groups, rollout_stats = collect_batch(
         t.engine, t.pool, t.prompts, t.stream, t.buffer, cfg, step, d, timer, t.tok
     )
-    engine_sleep(t.engine)  # GPU sleep mode: the trainer's phases get the engine's memory until the sync
     if not groups:
         t.log.write(
             f"iteration {step}: no group passed the filter in {cfg.filter.max_rounds} rounds; no update"
@@ -139,6 +138,7 @@ def train_step(t: Trainer, step: int, timer: Timer) -> dict:
         return iteration_record(
             step, stats, timer.times, batch_tokens=None, policy_epochs=0, skipped_total=t.state.skipped_steps
         )
+    engine_sleep(t.engine)  # GPU sleep mode: the trainer's phases get the engine's memory until the sync
     batch = Batch.from_groups(groups, t.prompts, k=cfg.rollout.n_samples)
     # 4. log-probs without gradient: the trainer's own, not the rollout engine's
     logprobs, logprob_stats = logprob_phase(t.policy, t.ref, batch, d, temperature=T, timer=timer)
