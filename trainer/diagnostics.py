@@ -7,6 +7,7 @@ stats in `Advantages.stats`, the policy update's in policy.py.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from fastprime.trainer.batch import Batch
@@ -73,3 +74,30 @@ def batch_stats(batch: Batch) -> dict[str, float]:
 
 
 __all__ = ["response_stats", "outcome_stats", "batch_stats"]
+
+
+def engine_agreement_stats(sample_logprobs: list[list[float] | None] | None, old: Tensor) -> dict[str, float]:
+    """|engine sampling log-prob - trainer's old log-prob| over the tokens the engine reported (verl logs the same).
+
+    A stale weight sync or a sampling mismatch (temperature, EOS, tokenisation) shows up at once as a large
+    difference; agreeing engines differ only by kernel rounding.
+
+    Args:
+        sample_logprobs: [n] per-response lists of the engine's log-probs (None for a response without them).
+        old: [n, T] the trainer's log-probs of the same tokens (0 on padding).
+
+    Returns:
+        {"rollout/logprob_diff_max", "rollout/logprob_diff_mean"}, or {} when no response carries log-probs.
+    """
+    if sample_logprobs is None:
+        return {}
+    diffs = []
+    for i, lps in enumerate(sample_logprobs):
+        if lps is None:
+            continue
+        engine = torch.tensor(lps, dtype=torch.float64)
+        diffs.append((engine - old[i, : len(lps)].detach().double().cpu()).abs())
+    if not diffs:
+        return {}
+    d = torch.cat(diffs)
+    return {"rollout/logprob_diff_max": float(d.max()), "rollout/logprob_diff_mean": float(d.mean())}

@@ -22,6 +22,8 @@ def greedy_responses(
 ) -> list[str]:
     """Greedy completions of chat `prompts` (each a list of messages), decoded without special tokens.
 
+    `model` is an HF model, or a rollout engine with `greedy(prompt_ids, max_new_tokens=)` (the vllm engine).
+
     Prompts go through the tokenizer's chat template with the generation prompt, are left-padded in
     batches of `batch_size` [b, T_prompt], and each decodes at most `max_new_tokens` tokens, stopping at EOS.
     The model is put in eval mode for the call and its previous mode restored.
@@ -34,6 +36,8 @@ def greedy_responses(
         raise ValueError(
             f"batched greedy decoding needs left padding, tokenizer has {tokenizer.padding_side!r}"
         )
+    if hasattr(model, "greedy"):  # a rollout engine (vllm) rather than an HF model
+        return _engine_greedy_responses(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
     was_training = model.training
     model.eval()
     texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
@@ -55,6 +59,17 @@ def greedy_responses(
     finally:
         model.train(was_training)
     return out
+
+
+def _engine_greedy_responses(
+    engine, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int
+) -> list[str]:
+    """The same prompts (same chat template, same token ids) through a rollout engine's `greedy`; the engine
+    schedules its own batches and stops at its EOS ids."""
+    ids = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in ids]
+    out = engine.greedy(ids, max_new_tokens=max_new_tokens)
+    return tokenizer.batch_decode([r.response_ids for r in out], skip_special_tokens=True)
 
 
 def greedy_accuracy(

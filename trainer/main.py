@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     d = Dist(rank=rank, world=world, device=device, token_budget=cfg.train.micro_batch_tokens)
     try:
         train(cfg, d)
-        dist.barrier()  # ranks tear gloo/NCCL down together, not while a peer still writes its plot and summary
+        if dist.is_initialized():  # a vllm engine's shutdown already ended the group (after its own barrier)
+            dist.barrier()  # ranks tear gloo/NCCL down together, not while a peer still writes its plot and summary
     except SetupError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

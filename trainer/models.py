@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
 from fastprime.trainer.config import Config, SetupError
 
@@ -90,11 +90,13 @@ def shard_model(
     trainable: bool = True,
     mixed_precision: bool = True,
     activation_checkpointing: bool = False,
+    offload: bool = False,
 ) -> HeadlessLM:
     """Wrap `lm` in HeadlessLM and apply FSDP2: fully_shard each decoder block, then the root.
 
     mixed_precision applies on CUDA only (bf16 params in compute, fp32 reduce); on CPU everything stays fp32.
-    A frozen model (the reference) gets requires_grad=False and eval mode."""
+    A frozen model (the reference) gets requires_grad=False and eval mode. offload (CUDA only): the shards, their
+    gradients and optimizer states stay in CPU memory, copied to the GPU per forward/backward."""
     lm.config.use_cache = False
     if activation_checkpointing and trainable:
         # transformers 5 renamed gradient_checkpointing_enable (deprecated, removed in v6)
@@ -114,6 +116,8 @@ def shard_model(
     kwargs: dict[str, Any] = {"mesh": mesh}
     if mp is not None:
         kwargs["mp_policy"] = mp
+    if offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
     for block in lm.model.layers:
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
@@ -171,6 +175,7 @@ def build_models(cfg: Config, lm: nn.Module, device: torch.device) -> dict[str, 
     use_prm = cfg.algorithm.process_coef != 0
     use_ref = use_prm or cfg.policy.kl_coef > 0
     shard = dict(device=device, mixed_precision=cfg.model.mixed_precision)
+    offload = cfg.model.offload  # PRM and reference only: the policy trains every iteration on the GPU
     ckpt = cfg.model.activation_checkpointing
     prm_lm = None
     if use_prm and cfg.model.prm_path:
@@ -182,9 +187,11 @@ def build_models(cfg: Config, lm: nn.Module, device: torch.device) -> dict[str, 
         prm_lm = copy.deepcopy(lm)
     models = {}
     if use_ref:
-        models["ref"] = shard_model(copy.deepcopy(lm), trainable=False, **shard)
+        models["ref"] = shard_model(copy.deepcopy(lm), trainable=False, offload=offload, **shard)
     if use_prm:
         trainable = cfg.prm.update != "none"
-        models["prm"] = shard_model(prm_lm, trainable=trainable, activation_checkpointing=ckpt, **shard)
+        models["prm"] = shard_model(
+            prm_lm, trainable=trainable, activation_checkpointing=ckpt, offload=offload, **shard
+        )
     models["policy"] = shard_model(lm, trainable=True, activation_checkpointing=ckpt, **shard)
     return models

@@ -1,8 +1,9 @@
 """Rollout, verification and filtering, prime.md steps 1-3: the engines and the collection of one batch.
 
-An engine has two calls, so that an in-process vLLM engine can slot in beside `hf` (in `build_rollout_engine`):
-`generate(prompts, n=K, seed=...)` and `sync_weights(state_dict)` (the trainer pushes the policy's full
-weights after every update). Log-probs are never taken from the engine: the trainer recomputes them.
+An engine has two calls: `generate(prompts, n=K, seed=...)` and `sync_weights(...)` (the trainer pushes the
+policy's weights after every update, `sync_policy`). Two engines: `hf` (transformers generate on a full copy of
+the policy) and `vllm` (vllm_engine.py, built in `build_rollout_engine`). The trainer computes its own log-probs;
+the vLLM engine's sampling log-probs travel with the groups only to check that engine and trainer agree.
 
 Every rank samples its share of the prompts and all ranks then hold every group (token ids and scores are
 all-gathered), so filtering, the refill buffer and the advantages are identical everywhere.
@@ -11,6 +12,8 @@ all-gathered), so filtering, the refill buffer and the advantages are identical 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import pathlib
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -136,15 +139,78 @@ def eos_token_ids(tok, lm) -> list[int]:
     return sorted(set(ids))
 
 
-def build_rollout_engine(cfg: Config, model: nn.Module, tok, device: torch.device) -> RolloutEngine:
-    """The engine `rollout.backend` names, over a copy of `model`'s current weights."""
+def build_rollout_engine(
+    cfg: Config, model: nn.Module, tok, device: torch.device, *, work_dir: pathlib.Path | None = None
+) -> RolloutEngine:
+    """The engine `rollout.backend` names, over a copy of `model`'s current weights.
+
+    vllm loads an HF folder: `model.path` for a real run, else `model` saved once under work_dir/engine_init
+    (the demo's warm-started weights)."""
     rc = cfg.rollout
+    if rc.backend == "vllm":
+        return _build_vllm_engine(cfg, model, tok, work_dir)
     if rc.backend != "hf":
-        raise ValueError(f"rollout.backend={rc.backend!r} is not available (only 'hf')")
+        raise ValueError(f"rollout.backend={rc.backend!r} is not available (only 'hf' and 'vllm')")
     return HFRolloutEngine(
         model, eos_token_ids=eos_token_ids(tok, model), pad_token_id=tok.pad_token_id, temperature=rc.temperature,
         top_p=rc.top_p, max_new_tokens=rc.max_new_tokens, prompts_per_generate=rc.prompts_per_generate, device=device,
     )  # fmt: skip
+
+
+def _build_vllm_engine(cfg: Config, model: nn.Module, tok, work_dir: pathlib.Path | None):
+    from fastprime.trainer.vllm_engine import VLLMRolloutEngine
+
+    rc = cfg.rollout
+    folder = pathlib.Path(cfg.model.path) if cfg.model.source == "path" else None
+    if folder is None:
+        if work_dir is None:
+            raise ValueError("the vllm engine needs a work_dir to save the starting weights in")
+        folder = work_dir / "engine_init"
+        if dist.get_rank() == 0:  # every rank holds the same weights (after the warm start's broadcast)
+            model.save_pretrained(folder)
+        dist.barrier()
+    on_gpu = torch.cuda.is_available()
+    return VLLMRolloutEngine(
+        folder, eos_token_ids=eos_token_ids(tok, model), temperature=rc.temperature, top_p=rc.top_p,
+        max_new_tokens=rc.max_new_tokens, dtype="bfloat16" if on_gpu else "float32",
+        max_model_len=cfg.data.max_prompt_tokens + max(rc.max_new_tokens, cfg.eval.max_new_tokens),
+        kv_cache_bytes=rc.kv_cache_bytes or None, gpu_memory_utilization=rc.gpu_memory_utilization,
+        sleep_mode=rc.sleep_mode, seed=cfg.train.seed,
+    )  # fmt: skip
+
+
+@torch.no_grad()
+def sync_policy(engine: RolloutEngine, policy: nn.Module) -> None:
+    """Push the policy's current weights into the engine (a collective: every rank calls it).
+
+    hf: the full state dict; vllm: streamed one gathered parameter at a time in the engine's dtype, so no rank
+    holds a full fp32 copy, then the engine drops its prefix cache (`sync_weights`)."""
+    from fastprime.trainer.models import full_state_dict
+
+    if isinstance(engine, HFRolloutEngine):
+        engine.sync_weights(full_state_dict(policy))
+        return
+    from fastprime.trainer.vllm_engine import stream_full_params
+
+    engine.sync_weights(stream_full_params(policy, dtype=engine.dtype))  # wakes a sleeping engine's weights
+    if engine.sleeping:
+        engine.wake_up()  # and its KV cache, for the evaluation or the next rollout
+
+
+def close_engine(engine: RolloutEngine) -> None:
+    """Shut a vllm engine down once every rank is done with it (all ranks call this). vLLM's shutdown also ends
+    torch.distributed's default group, so it runs last, after a barrier; the hf engine needs nothing."""
+    if hasattr(engine, "close"):
+        dist.barrier()
+        engine.close()
+
+
+def engine_sleep(engine: RolloutEngine) -> None:
+    """GPU sleep mode (vllm, rollout.sleep_mode): free the KV cache and move the weights to CPU memory while
+    the trainer's phases run (level 1: a level-2 sleep would also drop the weights, which the sync refills
+    anyway, but whether every buffer survives it was not checked). No-op for every other engine."""
+    if getattr(engine, "sleep_mode", False):
+        engine.sleep(level=1)
 
 
 def generation_seed(seed: int, step: int, round_: int, rank: int) -> int:
@@ -178,6 +244,7 @@ def rollout_round(
             responses=[r.response_ids for r in rollouts[j * k : (j + 1) * k]],
             truncated=[r.truncated for r in rollouts[j * k : (j + 1) * k]],
             acc=[float(s) for s in result.scores[j * k : (j + 1) * k]],
+            logprobs=_sampling_logprobs(rollouts[j * k : (j + 1) * k]),
         )
         for j, i in enumerate(mine)
     ]
@@ -193,13 +260,22 @@ def rollout_round(
     return [by_prompt[i] for i in idx], total_failures
 
 
+def _sampling_logprobs(rollouts: list[Rollout]) -> list[list[float]] | None:
+    """The engine's per-token sampling log-probs of a group (vllm), or None (hf does not report them)."""
+    if not all(hasattr(r, "logprobs") for r in rollouts):
+        return None
+    return [list(r.logprobs) for r in rollouts]
+
+
 def collect_batch(
     engine, pool, prompts: list[Prompt], stream: PromptStream, buffer: RefillBuffer, cfg: Config, step: int,
     d: Dist, timer, tok,
 ) -> tuple[list[Group], dict[str, float]]:  # fmt: skip
     """Groups for this iteration: refill buffer first, then rollout rounds until B groups pass or max_rounds."""
     B, k, f = cfg.train.batch_size, cfg.rollout.n_samples, cfg.filter
-    groups = buffer.take(B)
+    # Buffered groups were sampled by an older policy: their engine log-probs are dropped, so the engine/trainer
+    # agreement check covers this iteration's samples only.
+    groups = [dataclasses.replace(g, logprobs=None) for g in buffer.take(B)]
     from_buffer = len(groups)
     all_acc, all_trunc, all_len, failures, rounds, seen, passed = [], [], [], {}, 0, 0, 0
     while len(groups) < B and rounds < f.max_rounds:

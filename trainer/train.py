@@ -34,7 +34,7 @@ from fastprime.trainer.checkpoint import (
 )
 from fastprime.trainer.config import Config, SetupError, config_to_dict, save_config
 from fastprime.trainer.data import Prompt, PromptStream, load_data
-from fastprime.trainer.diagnostics import batch_stats
+from fastprime.trainer.diagnostics import batch_stats, engine_agreement_stats
 from fastprime.trainer.filtering import RefillBuffer
 from fastprime.trainer.metrics import MetricsLogger, Timer, initial_record, iteration_record, plot_curves
 from fastprime.trainer.models import (
@@ -46,7 +46,15 @@ from fastprime.trainer.models import (
 from fastprime.trainer.passes import Dist, logprob_phase
 from fastprime.trainer.policy import policy_phase
 from fastprime.trainer.prm import prm_phase
-from fastprime.trainer.rollout import RolloutEngine, build_rollout_engine, collect_batch
+from fastprime.trainer.rollout import (
+    HFRolloutEngine,
+    RolloutEngine,
+    build_rollout_engine,
+    close_engine,
+    collect_batch,
+    engine_sleep,
+    sync_policy,
+)
 
 
 @dataclass
@@ -111,6 +119,7 @@ def train(cfg: Config, d: Dist) -> dict:
             if stop:
                 break
         finish(t, record)
+        close_engine(t.engine)
     return record
 
 
@@ -129,9 +138,11 @@ def train_step(t: Trainer, step: int, timer: Timer) -> dict:
         return iteration_record(
             step, stats, timer.times, batch_tokens=None, policy_epochs=0, skipped_total=t.state.skipped_steps
         )
+    engine_sleep(t.engine)  # GPU sleep mode: the trainer's phases get the engine's memory until the sync
     batch = Batch.from_groups(groups, t.prompts, k=cfg.rollout.n_samples)
     # 4. log-probs without gradient: the trainer's own, not the rollout engine's
     logprobs, logprob_stats = logprob_phase(t.policy, t.ref, batch, d, temperature=T, timer=timer)
+    logprob_stats.update(engine_agreement_stats(batch.sample_logprobs, logprobs.old))
     # 5. implicit PRM: update in the configured order, token rewards
     rewards, prm_stats = None, {}
     if t.prm is not None:
@@ -151,7 +162,7 @@ def train_step(t: Trainer, step: int, timer: Timer) -> dict:
     t.state.skipped_steps += result.skipped
     # 8. weight sync into the rollout engine
     with timer("sync"):
-        t.engine.sync_weights(full_state_dict(t.policy))
+        sync_policy(t.engine, t.policy)
     stats = [rollout_stats, batch_stats(batch), logprob_stats, prm_stats, adv_stats, policy_stats]
     return iteration_record(
         step, stats, timer.times, batch_tokens=batch.num_tokens, policy_epochs=cfg.policy.epochs,
@@ -185,8 +196,9 @@ def evaluate(t: Trainer) -> float | None:
     acc = [None]
     if t.d.rank == 0:
         ec = t.cfg.eval
+        generator = t.engine.model if isinstance(t.engine, HFRolloutEngine) else t.engine  # vllm: greedy()
         acc[0] = greedy_accuracy(
-            t.engine.model, t.tok, t.eval_rows, max_new_tokens=ec.max_new_tokens, batch_size=ec.batch_size,
+            generator, t.tok, t.eval_rows, max_new_tokens=ec.max_new_tokens, batch_size=ec.batch_size,
             verifier=t.pool,
         )  # fmt: skip
     dist.broadcast_object_list(acc, src=0)
@@ -215,7 +227,7 @@ def setup(cfg: Config, d: Dist, pool) -> Trainer:
     warm = None
     if cfg.model.source == "demo" and cfg.warmstart.enabled and resume_from is None:
         warm = _warm_start(cfg, d, lm, tok, warm_rows, eval_rows, pool)
-    engine = build_rollout_engine(cfg, lm, tok, d.device)
+    engine = build_rollout_engine(cfg, lm, tok, d.device, work_dir=run_dir)
     models = build_models(cfg, lm, d.device)
     policy, prm = models["policy"], models.get("prm")
     pc, rc = cfg.policy, cfg.prm
@@ -230,7 +242,7 @@ def setup(cfg: Config, d: Dist, pool) -> Trainer:
     )  # fmt: skip
     if resume_from is not None:
         load_checkpoint(resume_from, t.components())
-        engine.sync_weights(full_state_dict(policy))
+        sync_policy(engine, policy)
         _say(d, f"resumed from {resume_from} at iteration {t.state.step}")
     t.log = _open_log(t, resumed=resume_from is not None)
     if resume_from is None:
@@ -279,8 +291,10 @@ def finish(t: Trainer, record: dict) -> None:
     """End of the run: HF export of the final policy, the plot, a one-line summary."""
     cfg, state = t.cfg, t.state
     done = state.step >= cfg.train.iterations
-    if done and cfg.run.export_hf and t.d.rank == 0:
-        export_hf(t.engine.model, t.tok, t.run_dir / "hf")
+    if done and cfg.run.export_hf:
+        weights = full_state_dict(t.policy)  # a collective; the engine may hold no HF model (vllm)
+        if t.d.rank == 0:
+            export_hf(t.policy.lm, t.tok, t.run_dir / "hf", state_dict=weights)
     dist.barrier()
     t.log.close()
     if t.d.rank != 0:

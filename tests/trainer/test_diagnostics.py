@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fastprime.trainer.diagnostics import outcome_stats, response_stats
+from fastprime.trainer.diagnostics import engine_agreement_stats, outcome_stats, response_stats
 
 NAN = float("nan")
 
@@ -33,3 +33,13 @@ def test_outcome_stats():
     }
     with pytest.raises(ValueError, match="n = 16"):
         outcome_stats(acc, k=3)
+
+
+def test_engine_agreement_stats_over_reported_tokens_only():
+    old = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, 0.0, 0.0], [-3.0, -3.0, -3.0]])
+    # row 1 has no engine log-probs (a refill-buffer group); padding of row 0/1 is never read
+    stats = engine_agreement_stats([[-1.25, -2.0], None, [-3.0, -2.5, -3.125]], old)
+    assert stats["rollout/logprob_diff_max"] == 0.5
+    assert stats["rollout/logprob_diff_mean"] == pytest.approx((0.25 + 0 + 0 + 0.5 + 0.125) / 5)
+    assert engine_agreement_stats(None, old) == {}
+    assert engine_agreement_stats([None, None, None], old) == {}

@@ -205,3 +205,17 @@ def test_sleep_mode_is_refused_on_cpu(engine, tok, tmp_path):
         VLLMRolloutEngine(tmp_path, eos_token_ids=[tok.eos_token_id], sleep_mode=True)
     with pytest.raises(RuntimeError, match="sleep_mode=True"):
         engine.sleep()
+
+
+def test_evaluation_through_the_engine_equals_hf(engine, tok):
+    """evaluate.greedy_responses with the engine (the trainer's `vllm` evaluation) gives the same decoded
+    responses as with the HF model (the `hf` evaluation: chat template, left-padded batches of 3)."""
+    from fastprime.trainer.evaluate import greedy_responses
+
+    lm = sharp(tok, seed=3)
+    engine.sync_weights(lm.state_dict())
+    chats = [[{"role": "user", "content": q}] for q in ["1+2=", "7-3*2=", "(4+5)*3=", "9=", "2*2*2=", "8-1="]]
+    want = greedy_responses(lm, tok, chats, max_new_tokens=MAX_NEW, batch_size=3)
+    got = greedy_responses(engine, tok, chats, max_new_tokens=MAX_NEW, batch_size=3)
+    assert got == want
+    assert len(set(want)) > 1, "the reference should not be degenerate"
