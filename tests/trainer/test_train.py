@@ -30,6 +30,7 @@ eval: {every: 2, max_new_tokens: 12, batch_size: 8}
 train: {iterations: 3, batch_size: 4, micro_batch_tokens: 160}
 run: {checkpoint_every: 0, keep_checkpoints: 5, progress: false}
 """
+pytestmark = pytest.mark.usefixtures("cpu_only")  # CPU fp32 on a CUDA host too (conftest.py)
 PHASES = ("rollout", "verify", "filter", "logprob_old", "logprob_ref", "prm", "advantages", "policy", "sync")
 
 
@@ -54,7 +55,7 @@ def _checkpoint(run: pathlib.Path, step: int, tmp_path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def full_run(tmp_path_factory):
+def full_run(tmp_path_factory, cpu_only):
     tmp = tmp_path_factory.mktemp("e2e")
     return _run(tmp, "full"), tmp
 
