@@ -6,6 +6,7 @@ the killed run wrote after the checkpoint are dropped and recomputed).
 Not covered yet: the refill buffer. A round samples exactly batch_size prompts, so surplus groups need a model
 whose groups pass the filter only sometimes (an untrained model scores 0 everywhere: all pass or none do)."""
 
+import contextlib
 import os
 import pathlib
 import signal
@@ -44,7 +45,7 @@ def _start(tmp: pathlib.Path, nproc: int, name: str, *extra: str) -> subprocess.
         launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
     cmd = [*launcher, str(REPO / "trainer" / "main.py"), "--config", str(cfg), "--run.output-dir", str(tmp)]
     env = {**os.environ, **CPU_ONLY_ENV, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    # A session of its own: kill -9 reaches torchrun and every rank, and a hang cannot outlive the test.
+    # A session of its own, so that a hang cannot outlive the test (_kill_9 also reaches torchrun's workers).
     return subprocess.Popen(
         [*cmd, "--run.name", name, *extra], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
         cwd=tmp, start_new_session=True,
@@ -70,14 +71,38 @@ def _steps_logged(run: pathlib.Path) -> list[int]:
     return [int(ln.split('"step": ')[1].split(",")[0].split("}")[0]) for ln in complete if '"step": ' in ln]
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (from /proc): torchrun's workers run in process groups of their own."""
+    children: dict[int, list[int]] = {}
+    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def _kill_9(proc: subprocess.Popen) -> None:
+    """kill -9 of the launched process and every process it started, all at one moment."""
+    for pid in [proc.pid, *_descendants(proc.pid)]:
+        with contextlib.suppress(ProcessLookupError):  # already gone
+            os.kill(pid, signal.SIGKILL)
+    proc.communicate()
+
+
 def _kill_after_step(proc: subprocess.Popen, run: pathlib.Path, step: int, timeout: float = 400) -> None:
     """SIGKILL the whole process group as soon as `step`'s metrics line and checkpoint exist."""
     deadline = time.monotonic() + timeout
     ckpt = run / "checkpoints" / f"step_{step:08d}" / "trainer_state.pt"
     while time.monotonic() < deadline and proc.poll() is None:
         if step in _steps_logged(run) and ckpt.is_file():
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
+            _kill_9(proc)
             return
         time.sleep(0.05)
     err = proc.communicate()[1] if proc.poll() is not None else ""
