@@ -27,7 +27,15 @@ from fastprime.trainer.masked_ops import (
     place_on_last_token,
     reverse_discounted_cumsum,
 )
-from fastprime.trainer.passes import Dist, all_sum, chunks, clip_and_step, micro_batches, padded
+from fastprime.trainer.passes import (
+    Dist,
+    all_sum,
+    chunks,
+    clip_and_step,
+    micro_batches,
+    padded,
+    reshard_after_no_grad,
+)
 
 GRANULARITIES = ("token", "whole")
 NORMS = ("batch_norm", "none")
@@ -201,6 +209,8 @@ def prm_pass(
             norm, skip = clip_and_step(prm, opt, max_norm=max_norm, loss=total)
             norms.append(norm)
             skipped += skip
+    if not update:
+        reshard_after_no_grad(prm)
     nan = float("nan")
     return PRMResult(
         q=all_sum(q),

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from devices import CUDA, kernel_device, to_kernel_device
 from memory_probe import AllocationRecorder
 
 from fastprime.kernels import linear_prm_loss
@@ -63,7 +64,7 @@ CASES = {
 def assert_close(actual, expected, what, rtol=2e-5, atol_scale=2e-5):
     atol = atol_scale * float(expected.detach().abs().max().clamp(min=1e-3))
     torch.testing.assert_close(
-        actual.double(), expected.detach(), rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}"
+        actual.double().cpu(), expected.detach(), rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}"
     )
 
 
@@ -73,10 +74,12 @@ def test_loss_q_and_grads_match_fp64(impl, case):
     cfg = dict(CASES[case])
     beta = cfg.pop("beta", 0.05)
     h, W, b, targets, ref, seq, labels, T = make_batch(0, **cfg)
-    ht, Wt = h.clone().requires_grad_(), W.clone().requires_grad_()
-    bt = b.clone().requires_grad_() if b is not None else None
+    dev = kernel_device(impl)
+    ht, Wt = h.to(dev).clone().requires_grad_(), W.to(dev).clone().requires_grad_()
+    bt = b.to(dev).clone().requires_grad_() if b is not None else None
+    k_targets, k_ref, k_seq, k_labels = to_kernel_device(impl, targets, ref.float(), seq, labels)
     loss, q = linear_prm_loss(
-        ht, Wt, targets, ref.float(), seq, labels, beta=beta, temperature=T, bias=bt, impl=impl
+        ht, Wt, k_targets, k_ref, k_seq, k_labels, beta=beta, temperature=T, bias=bt, impl=impl
     )
     loss.backward()
     h64, W64 = h.double().requires_grad_(), W.double().requires_grad_()
@@ -91,7 +94,7 @@ def test_loss_q_and_grads_match_fp64(impl, case):
     if b is not None:
         assert_close(bt.grad, b64.grad, "grad bias")
     outside = (seq < 0) | (targets == -100)
-    assert torch.all(q[outside] == 0) and torch.all(ht.grad[outside] == 0)
+    assert torch.all(q.cpu()[outside] == 0) and torch.all(ht.grad.cpu()[outside] == 0)
 
 
 def test_hand_computed_single_token_sequence():
@@ -115,6 +118,7 @@ def test_hand_computed_single_token_sequence():
 @pytest.mark.parametrize("impl", ["chunked", "triton"])
 def test_global_num_seqs_accumulates_like_one_batch(impl):
     h, W, b, targets, ref, seq, labels, T = make_batch(1)
+    h, W, b, targets, ref, seq, labels = to_kernel_device(impl, h, W, b, targets, ref, seq, labels)
     Wf = W.clone().requires_grad_()
     loss, _ = linear_prm_loss(h, Wf, targets, ref, seq, labels, bias=b, impl=impl)
     (g_whole,) = torch.autograd.grad(loss, Wf)
@@ -129,7 +133,7 @@ def test_global_num_seqs_accumulates_like_one_batch(impl):
         lm.backward()
         total += float(lm.detach())
         g_acc += Wm.grad
-    torch.testing.assert_close(torch.tensor(total), loss.detach(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(torch.tensor(total), loss.detach().cpu(), rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(g_acc, g_whole, rtol=1e-5, atol=1e-7)
 
 
@@ -209,6 +213,7 @@ def test_memory_chunked_never_allocates_tokens_x_vocab():
     assert rec.largest().numel <= 1 << 23, rec.describe()
 
 
+@pytest.mark.skipif(CUDA, reason="records the interpreter's CPU allocations; test_memory.py covers CUDA")
 def test_memory_triton_never_allocates_tokens_x_vocab():
     # The interpreter is slow: a small CPU shape whose backward still takes 5 vocab chunks of G [N, Vc].
     n, d, v = 64, 16, 20011
@@ -221,6 +226,7 @@ def test_memory_triton_never_allocates_tokens_x_vocab():
 def test_saved_for_backward_is_inputs_plus_per_token_state(impl):
     h, W, b, targets, ref, seq, labels, T = make_batch(5)
     n = targets.shape[0]
+    h, W, b, targets, ref, seq, labels = to_kernel_device(impl, h, W, b, targets, ref, seq, labels)
     h, W = h.requires_grad_(), W.requires_grad_()
     ref32 = ref.float()
     inputs = {h.data_ptr(), W.data_ptr(), b.data_ptr(), targets.data_ptr(), seq.data_ptr(), ref32.data_ptr()}

@@ -1,20 +1,36 @@
-"""Fixtures shared by the trainer tests."""
+"""Fixtures shared by the trainer tests.
+
+The trainer's value tests compare against fp64 eager references with fp32 tolerances, so they run on CPU in
+fp32 on every host, by construction: on a CUDA machine the trainer would otherwise pick the GPU and bf16 compute
+(models.shard_model). Subprocess runs get hosts.CPU_ONLY_ENV for the same reason (the golden run's values are
+CPU values; torchrun tests use gloo on CPU); in-process runs of main() use `cpu_only`.
+"""
 
 import pytest
 import torch
 import torch.distributed as dist
 
 from fastprime.trainer.batch import Batch
-from fastprime.trainer.models import init_distributed
+from fastprime.trainer.models import _free_port
 from fastprime.trainer.passes import Dist
 
 
 @pytest.fixture(scope="module")
 def group_of_one():
-    """A process group of one (gloo on CPU) for the passes, torn down after the module."""
-    rank, world, device = init_distributed()
-    yield Dist(rank=rank, world=world, device=device, token_budget=0)
+    """A process group of one (gloo on CPU, also on a CUDA host) for the passes, torn down after the module."""
+    init = f"tcp://127.0.0.1:{_free_port()}"
+    dist.init_process_group("gloo", init_method=init, rank=0, world_size=1)
+    yield Dist(rank=0, world=1, device=torch.device("cpu"), token_budget=0)
     dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def cpu_only():
+    """For in-process runs of main(): the trainer sees no GPU, so it runs gloo on CPU in fp32 as on a CPU host
+    (the test process has already initialised CUDA, so CUDA_VISIBLE_DEVICES cannot do this here)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.cuda, "is_available", lambda: False)
+        yield
 
 
 def _random_batch(vocab: int) -> Batch:

@@ -13,6 +13,7 @@ import sys
 
 import pytest
 import torch
+from hosts import CPU_ONLY_ENV
 
 from fastprime.trainer.demo import build_tiny_model, build_tokenizer
 
@@ -21,7 +22,7 @@ WORKER = pathlib.Path(__file__).with_name("fsdp_worker.py")
 
 def _torchrun(nproc: int, *args: str) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, **CPU_ONLY_ENV, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     # A session of its own, so that a hang kills torchrun and its workers together.
     proc = subprocess.Popen(
         [*cmd, *args],

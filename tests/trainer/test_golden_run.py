@@ -16,6 +16,8 @@ import pathlib
 import subprocess
 import sys
 
+from hosts import CPU_ONLY_ENV
+
 HERE = pathlib.Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 CONFIG = HERE / "golden" / "golden_run.yaml"
@@ -50,7 +52,7 @@ def _differences(got: list[dict], want: list[dict]) -> list[str]:
 
 
 def test_golden_run_gives_the_recorded_values(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, **CPU_ONLY_ENV, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, str(REPO / "trainer" / "main.py"), "--config", str(CONFIG)]
     cmd += ["--run.output-dir", str(tmp_path), "--run.name", "golden"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)

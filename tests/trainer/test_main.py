@@ -6,11 +6,13 @@ import pathlib
 import subprocess
 import sys
 
+from hosts import CPU_ONLY_ENV
+
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _cli(*args: str, cwd: pathlib.Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, **CPU_ONLY_ENV, "TOKENIZERS_PARALLELISM": "false"}
     return subprocess.run(
         [sys.executable, str(REPO / "trainer" / "main.py"), *args],
         capture_output=True,

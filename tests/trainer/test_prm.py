@@ -9,12 +9,14 @@ import torch
 import torch.nn.functional as F
 
 from fastprime.trainer.batch import Batch
+from fastprime.trainer.config import PRMConfig
 from fastprime.trainer.demo import build_tiny_model, build_tokenizer
 from fastprime.trainer.models import full_state_dict, shard_model
 from fastprime.trainer.passes import Dist, chunks, logprob_pass
 from fastprime.trainer.prm import (
     prm_pairwise_accuracy,
     prm_pass,
+    prm_phase,
     process_reward_stats,
     process_token_rewards,
 )
@@ -153,12 +155,12 @@ def _batch(vocab: int) -> Batch:
     )
 
 
-def _seq_logp(lm, p: list[int], r: list[int]) -> torch.Tensor:
+def _seq_logp(lm, p: list[int], r: list[int], temperature: float = 1.0) -> torch.Tensor:
     logits = lm(input_ids=torch.tensor([p + r]), use_cache=False).logits[0, len(p) - 1 : -1].double()
-    return F.log_softmax(logits, -1).gather(-1, torch.tensor(r)[:, None])[:, 0]
+    return F.log_softmax(logits / temperature, -1).gather(-1, torch.tensor(r)[:, None])[:, 0]
 
 
-def _eager_after(prm_lm, ref_lm, batch: Batch, mini_batches: int):
+def _eager_after(prm_lm, ref_lm, batch: Batch, mini_batches: int, temperature: float = 1.0):
     """The `after` order by hand: per mini-batch, q from the current PRM, then one SGD step on its BCE."""
     prm_lm = copy.deepcopy(prm_lm).double()
     opt = torch.optim.SGD(prm_lm.parameters(), lr=LR)
@@ -169,8 +171,8 @@ def _eager_after(prm_lm, ref_lm, batch: Batch, mini_batches: int):
         for i in seqs:
             p, r = batch.prompts[i], batch.responses[i]
             with torch.no_grad():
-                ref = _seq_logp(copy.deepcopy(ref_lm).double(), p, r)
-            qi = _seq_logp(prm_lm, p, r) - ref
+                ref = _seq_logp(copy.deepcopy(ref_lm).double(), p, r, temperature)
+            qi = _seq_logp(prm_lm, p, r, temperature) - ref
             q[i, : len(r)] = qi.detach()
             scores.append(BETA * qi.sum())
         loss = F.binary_cross_entropy_with_logits(torch.stack(scores), batch.acc[seqs].double())
@@ -181,20 +183,20 @@ def _eager_after(prm_lm, ref_lm, batch: Batch, mini_batches: int):
     return q, sum(losses) / len(losses), prm_lm.state_dict()
 
 
-@pytest.mark.parametrize("budget", [4096, 16])
-def test_prm_pass_after_equals_eager_reference(group_of_one, budget):
+@pytest.mark.parametrize("budget, T", [(4096, 1.0), (16, 0.6)])
+def test_prm_pass_after_equals_eager_reference(group_of_one, budget, T):
     tok = build_tokenizer()
     ref_lm, prm_lm = build_tiny_model(tok, seed=0), build_tiny_model(tok, seed=1)  # q != 0 from the start
     batch = _batch(len(tok))
     d = Dist(rank=0, world=1, device=group_of_one.device, token_budget=budget)
     ref = shard_model(copy.deepcopy(ref_lm), trainable=False, device=d.device)
-    ref_logp, _ = logprob_pass(ref, batch, d, temperature=1.0)
+    ref_logp, _ = logprob_pass(ref, batch, d, temperature=T)
     prm = shard_model(copy.deepcopy(prm_lm), device=d.device)
     opt = torch.optim.SGD(prm.parameters(), lr=LR)
     res = prm_pass(
-        prm, opt, batch, ref_logp, d, mini_batches=2, beta=BETA, temperature=1.0, max_norm=1e9, update=True
+        prm, opt, batch, ref_logp, d, mini_batches=2, beta=BETA, temperature=T, max_norm=1e9, update=True
     )
-    q_ref, loss_ref, sd_ref = _eager_after(prm_lm, ref_lm, batch, 2)
+    q_ref, loss_ref, sd_ref = _eager_after(prm_lm, ref_lm, batch, 2, T)
 
     torch.testing.assert_close(res.q.double(), q_ref, atol=5e-5, rtol=0)
     assert res.loss == pytest.approx(loss_ref, abs=1e-5)
@@ -208,10 +210,42 @@ def test_prm_pass_after_equals_eager_reference(group_of_one, budget):
     with torch.no_grad():
         q_start = torch.cat(
             [
-                _seq_logp(prm_lm.double(), batch.prompts[i], batch.responses[i])
-                - _seq_logp(ref_lm.double(), batch.prompts[i], batch.responses[i])
+                _seq_logp(prm_lm.double(), batch.prompts[i], batch.responses[i], T)
+                - _seq_logp(ref_lm.double(), batch.prompts[i], batch.responses[i], T)
                 for i in second
             ]
         )
     q_second = torch.cat([q_ref[i, : len(batch.responses[i])] for i in second])
     assert (q_second - q_start).abs().max() > 1e-3
+
+
+def test_prm_update_before_takes_rewards_from_the_updated_prm(group_of_one):
+    """prm.update='before' (prm_phase, as train_step calls it) at temperature 0.6: the loss and update are the
+    `after` pass's, and the rewards are q of the PRM *after* its update (eager fp64: the updated weights' q),
+    not the q the loss was computed with. norm='none', granularity='token' make the rewards q itself."""
+    T = 0.6
+    tok = build_tokenizer()
+    ref_lm, prm_lm = build_tiny_model(tok, seed=0), build_tiny_model(tok, seed=1)
+    batch = _batch(len(tok))
+    d = Dist(rank=0, world=1, device=group_of_one.device, token_budget=16)
+    ref = shard_model(copy.deepcopy(ref_lm), trainable=False, device=d.device)
+    ref_logp, _ = logprob_pass(ref, batch, d, temperature=T)
+    prm = shard_model(copy.deepcopy(prm_lm), device=d.device)
+    opt = torch.optim.SGD(prm.parameters(), lr=LR)
+    cfg = PRMConfig(
+        update="before", beta=BETA, grad_clip=1e9, mini_batches=2, granularity="token", norm="none"
+    )
+    (rewards, skipped), stats = prm_phase(prm, opt, batch, ref_logp, d, config=cfg, temperature=T)
+
+    q_during, loss_ref, sd_ref = _eager_after(prm_lm, ref_lm, batch, 2, T)
+    updated = build_tiny_model(tok, seed=1).double()
+    updated.load_state_dict(sd_ref)
+    q_after = torch.zeros(batch.mask.shape, dtype=torch.float64)
+    with torch.no_grad():
+        for i, (p, r) in enumerate(zip(batch.prompts, batch.responses)):
+            q_after[i, : len(r)] = _seq_logp(updated, p, r, T) - _seq_logp(ref_lm.double(), p, r, T)
+    assert skipped == 0 and stats["prm/loss"] == pytest.approx(loss_ref, abs=1e-5)
+    torch.testing.assert_close(rewards.double(), q_after, atol=5e-5, rtol=1e-4)  # |q| up to ~3: fp32 noise
+    assert (q_after - q_during).abs().max() > 1e-3, (
+        "the update must change q for this test to tell the orders apart"
+    )

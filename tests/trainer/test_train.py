@@ -30,6 +30,7 @@ eval: {every: 2, max_new_tokens: 12, batch_size: 8}
 train: {iterations: 3, batch_size: 4, micro_batch_tokens: 160}
 run: {checkpoint_every: 0, keep_checkpoints: 5, progress: false}
 """
+pytestmark = pytest.mark.usefixtures("cpu_only")  # CPU fp32 on a CUDA host too (conftest.py)
 PHASES = ("rollout", "verify", "filter", "logprob_old", "logprob_ref", "prm", "advantages", "policy", "sync")
 
 
@@ -54,7 +55,7 @@ def _checkpoint(run: pathlib.Path, step: int, tmp_path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def full_run(tmp_path_factory):
+def full_run(tmp_path_factory, cpu_only):
     tmp = tmp_path_factory.mktemp("e2e")
     return _run(tmp, "full"), tmp
 
@@ -187,3 +188,33 @@ def test_local_model_folder_and_verl_parquet(tmp_path):
     assert [r["step"] for r in records] == [0, 1]
     assert records[0]["eval/acc"] is not None and records[1]["eval/acc"] is not None
     assert records[1]["rollout/responses"] == 16 and records[1]["policy/loss"] is not None
+
+
+def test_kl_and_entropy_coefficients_change_the_loss_by_their_terms(tmp_path):
+    """Same seed, so the same rollouts, rewards and advantages: the runs differ only in the policy loss. With one
+    mini-batch and token-mean the reported loss is the mean over epochs of token means, as the kl_ref and
+    entropy stats are, so loss(kl=c) - loss(0) = c * kl_ref and loss(ent=c) - loss(0) = -c * entropy.
+    KL: 2 epochs, since the policy equals the reference in epoch 1 (kl 0, KL gradient 0, so epoch 2 starts from
+    the same weights in both runs). Entropy: 1 epoch (the bonus changes the first step), and the entropy the loss
+    used must equal the log-prob pass's entropy_old at the same weights."""
+    flags = ["--train.iterations", "1", "--eval.every", "0", "--data.demo-eval-rows", "0", "--policy.mini-batches",
+             "1", "--policy.loss-agg", "token-mean"]  # fmt: skip
+
+    def last(name: str, *extra: str) -> dict:
+        return read_metrics(_run(tmp_path, name, *flags, *extra) / "metrics.jsonl")[-1]
+
+    base2, kl = (
+        last("base2", "--policy.epochs", "2"),
+        last("kl", "--policy.epochs", "2", "--policy.kl-coef", "0.5"),
+    )
+    assert kl["policy/kl_ref"] > 1e-5, "epoch 2 must see a policy away from the reference"
+    assert kl["policy/loss"] - base2["policy/loss"] == pytest.approx(0.5 * kl["policy/kl_ref"], abs=1e-6)
+    base1, ent = (
+        last("base1", "--policy.epochs", "1"),
+        last("ent", "--policy.epochs", "1", "--policy.entropy-coef", "0.1"),
+    )
+    assert (
+        ent["policy/entropy"] == pytest.approx(ent["policy/entropy_old"], abs=1e-5)
+        and ent["policy/entropy"] > 1.0
+    )
+    assert ent["policy/loss"] - base1["policy/loss"] == pytest.approx(-0.1 * ent["policy/entropy"], abs=1e-5)
