@@ -288,8 +288,9 @@ def finish(t: Trainer, record: dict) -> None:
     png = plot_curves(t.run_dir / "metrics.jsonl", t.run_dir / "curves.png")
     first, last = state.initial_eval, record.get("eval/acc")  # last: only if evaluated in the last iteration
     if done and first is not None and last is not None:
+        when = "after the warm start" if state.warmstart is not None else "before RL"
         print(
-            f"held-out greedy accuracy: {first:.1%} after the warm start -> {last:.1%} after "
+            f"held-out greedy accuracy: {first:.1%} {when} -> {last:.1%} after "
             f"{state.step} iterations ({100 * (last - first):+.1f} points). Curves: {png}",
             flush=True,
         )
