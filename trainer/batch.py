@@ -23,6 +23,7 @@ class Group:
     responses: list[list[int]]  # K response token id lists (ending with EOS unless truncated)
     truncated: list[bool]  # [K] True where a response hit the length limit
     acc: list[float]  # [K] verifier scores in [0, 1]
+    seed: int = -1  # generation seed of the rollout round that sampled it (-1: not recorded)
 
 
 @dataclass

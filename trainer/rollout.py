@@ -157,55 +157,64 @@ def rollout_round(
 ) -> tuple[list[Group], dict[str, int]]:
     """Sample k responses for each prompt in idx (split over ranks) and verify them.
 
-    Returns every rank the same (groups in idx order, verifier failure counts summed over ranks)."""
-    mine = idx[d.rank :: d.world]
+    Returns every rank the same (one group per entry of idx, in idx order: groups are keyed by position, so
+    a repeated index gets two groups; verifier failure counts summed over ranks)."""
+    mine = list(range(d.rank, len(idx), d.world))  # positions in idx
     with timer("rollout"):
-        rollouts = engine.generate([prompts[i].prompt_ids for i in mine], n=k, seed=seed) if mine else []
+        rollouts = engine.generate([prompts[idx[p]].prompt_ids for p in mine], n=k, seed=seed) if mine else []
     with timer("verify"):
         items = [
             {
-                "ability": prompts[i].ability,
+                "ability": prompts[idx[p]].ability,
                 "response": tok.decode(r.response_ids, skip_special_tokens=True),
-                "ground_truth": prompts[i].ground_truth,
+                "ground_truth": prompts[idx[p]].ground_truth,
             }
-            for j, i in enumerate(mine)
+            for j, p in enumerate(mine)
             for r in rollouts[j * k : (j + 1) * k]
         ]
         result = pool.score(items) if items else None
     local = [
-        Group(
-            prompt=i,
-            responses=[r.response_ids for r in rollouts[j * k : (j + 1) * k]],
-            truncated=[r.truncated for r in rollouts[j * k : (j + 1) * k]],
-            acc=[float(s) for s in result.scores[j * k : (j + 1) * k]],
+        (
+            p,
+            Group(
+                prompt=idx[p],
+                responses=[r.response_ids for r in rollouts[j * k : (j + 1) * k]],
+                truncated=[r.truncated for r in rollouts[j * k : (j + 1) * k]],
+                acc=[float(s) for s in result.scores[j * k : (j + 1) * k]],
+                seed=seed,
+            ),
         )
-        for j, i in enumerate(mine)
+        for j, p in enumerate(mine)
     ]
     failures = dict(result.failures) if result is not None else {}
     gathered = [None] * d.world
     dist.all_gather_object(gathered, (local, failures))
-    by_prompt, total_failures = {}, {}
+    by_position, total_failures = {}, {}
     for groups, fails in gathered:
-        for g in groups:
-            by_prompt[g.prompt] = g
+        for p, g in groups:
+            by_position[p] = g
         for kind, count in fails.items():
             total_failures[kind] = total_failures.get(kind, 0) + count
-    return [by_prompt[i] for i in idx], total_failures
+    return [by_position[p] for p in range(len(idx))], total_failures
 
 
 def collect_batch(
     engine, pool, prompts: list[Prompt], stream: PromptStream, buffer: RefillBuffer, cfg: Config, step: int,
     d: Dist, timer, tok,
 ) -> tuple[list[Group], dict[str, float]]:  # fmt: skip
-    """Groups for this iteration: refill buffer first, then rollout rounds until B groups pass or max_rounds."""
+    """Groups for this iteration: rollout rounds until B groups pass or max_rounds.
+
+    The refill buffer holds prompt indices that passed beyond B earlier; the first round samples them again
+    (with the current policy) before fresh prompts, so every group trained on was sampled in this iteration."""
     B, k, f = cfg.train.batch_size, cfg.rollout.n_samples, cfg.filter
-    groups = buffer.take(B)
-    from_buffer = len(groups)
+    buffered = buffer.take(B)
+    from_buffer, buffer_passed, groups = len(buffered), 0, []
     all_acc, all_trunc, all_len, failures, rounds, seen, passed = [], [], [], {}, 0, 0, 0
     while len(groups) < B and rounds < f.max_rounds:
         rounds += 1
+        idx = buffered + stream.take(B - len(buffered), exclude=buffered)
         new, new_failures = rollout_round(
-            engine, pool, prompts, stream.take(B), k=k, seed=generation_seed(cfg.train.seed, step, rounds, d.rank),
+            engine, pool, prompts, idx, k=k, seed=generation_seed(cfg.train.seed, step, rounds, d.rank),
             d=d, timer=timer, tok=tok,
         )  # fmt: skip
         with timer("filter"):
@@ -222,15 +231,18 @@ def collect_batch(
                 )
             else:
                 keep = torch.ones(len(new), dtype=torch.bool)
+            buffer_passed += int(keep[: len(buffered)].sum())
+            buffered = []
             ok = [g for g, kp in zip(new, keep.tolist()) if kp]
             seen, passed = seen + len(new), passed + len(ok)
             need = B - len(groups)
             groups += ok[:need]
-            buffer.add(ok[need:])
+            buffer.add([g.prompt for g in ok[need:]])
     stats = {
         "filter/pass_rate": passed / max(seen, 1),
         "filter/rounds": rounds,
         "filter/from_buffer": from_buffer,
+        "filter/from_buffer_passed": buffer_passed,
         "filter/buffer_size": len(buffer),
         "filter/missing_groups": B - len(groups),
         "rollout/responses": len(all_len),
@@ -238,7 +250,7 @@ def collect_batch(
         "verify/failures": sum(failures.values()),
         **{f"verify/failures_{kind}": c for kind, c in failures.items()},
     }
-    if all_len:  # no rollout at all when the refill buffer alone filled the batch
+    if all_len:
         stats.update(_rollout_stats(torch.cat(all_acc), torch.cat(all_trunc), all_len, k))
     if len(groups) < B:
         stats["filter/max_rounds_hit"] = 1

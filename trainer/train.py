@@ -207,6 +207,8 @@ def setup(cfg: Config, d: Dist, pool) -> Trainer:
         prompts, eval_rows, warm_rows, data_stats = load_data(cfg, tok)
     except ValueError as e:  # a malformed row or file: one line naming file and row
         raise SetupError(f"data: {e}") from None
+    if cfg.train.batch_size > len(prompts):  # one rollout round samples B distinct prompts
+        raise SetupError(f"train.batch_size={cfg.train.batch_size} exceeds the {len(prompts)} training prompts")
     run_dir, resume_from = choose_run_dir(cfg, d.rank)
     if d.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
