@@ -11,12 +11,14 @@ all-gathered), so filtering, the refill buffer and the advantages are identical 
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from transformers import GenerationConfig
 
 from fastprime.trainer.batch import Group
 from fastprime.trainer.config import Config
@@ -24,6 +26,8 @@ from fastprime.trainer.data import Prompt, PromptStream
 from fastprime.trainer.diagnostics import outcome_stats
 from fastprime.trainer.filtering import RefillBuffer, group_filter_mask
 from fastprime.trainer.passes import Dist
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -69,6 +73,18 @@ class HFRolloutEngine:
         self.temperature, self.top_p = temperature, top_p
         self.max_new_tokens, self.chunk = max_new_tokens, prompts_per_generate
         self.device = torch.device(device)
+        # Sampling is exactly temperature/top_p, as the trainer's log-probs assume: nothing from the checkpoint's
+        # generation_config (repetition_penalty, top_k, min_p, ...), which transformers would otherwise merge in.
+        self._sampling = GenerationConfig(
+            do_sample=True, temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
+            eos_token_id=self.eos, pad_token_id=self.pad, use_cache=True,
+        )  # fmt: skip
+        ignored = _sampling_overrides(getattr(self.model, "generation_config", None))
+        if ignored:
+            log.warning(
+                "rollout: ignoring the checkpoint's generation_config %s (sampling uses only rollout.*)",
+                ignored,
+            )
         # Tied lm_head/embedding weights appear once in a sharded state dict; loading either key fills both.
         self._tied = (
             {k for k in self.model.state_dict() if k == "lm_head.weight"} if self._is_tied() else set()
@@ -96,19 +112,16 @@ class HFRolloutEngine:
         for i, p in enumerate(prompts):  # left padding: every prompt continues from its last real token
             ids[i, width - len(p) :] = torch.tensor(p)
             attn[i, width - len(p) :] = 1
-        seqs = self.model.generate(
-            input_ids=ids.to(self.device),
-            attention_mask=attn.to(self.device),
-            do_sample=True,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=0,
-            num_return_sequences=n,
-            max_new_tokens=self.max_new_tokens,
-            eos_token_id=self.eos,
-            pad_token_id=self.pad,
-            use_cache=True,
-        )
+        saved, self.model.generation_config = self.model.generation_config, self._sampling
+        try:  # the model's own config swapped out too: generate fills every unset field from it
+            seqs = self.model.generate(
+                input_ids=ids.to(self.device),
+                attention_mask=attn.to(self.device),
+                generation_config=self._sampling,
+                num_return_sequences=n,
+            )
+        finally:
+            self.model.generation_config = saved
         rollouts = []
         for row in seqs[:, width:].tolist():
             stop = next((t for t, tok in enumerate(row) if tok in self.eos), None)
@@ -126,6 +139,24 @@ class HFRolloutEngine:
             raise ValueError(
                 f"weight sync mismatch: missing {sorted(missing)}, unexpected {sorted(unexpected)}"
             )
+
+
+_NOT_SAMPLING = {
+    "eos_token_id",
+    "pad_token_id",
+    "bos_token_id",
+    "decoder_start_token_id",
+    "transformers_version",
+}
+
+
+def _sampling_overrides(config: GenerationConfig | None) -> dict:
+    """The checkpoint's generation_config entries that would change sampling (those the engine ignores)."""
+    if config is None:
+        return {}
+    return {
+        k: v for k, v in config.to_diff_dict().items() if k not in _NOT_SAMPLING and not k.startswith("_")
+    }
 
 
 def eos_token_ids(tok, lm) -> list[int]:
