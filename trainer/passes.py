@@ -66,6 +66,14 @@ def chunks(n: int, parts: int) -> list[list[int]]:
     return [list(range(bounds[i], bounds[i + 1])) for i in range(parts) if bounds[i + 1] > bounds[i]]
 
 
+def shuffled_chunks(n: int, parts: int, *, seed: int) -> list[list[int]]:
+    """Split a seeded permutation of range(n) into `parts` nearly equal mini-batches (each sorted).
+
+    The reference shuffles its PPO mini-batches; seeding from the run seed and step keeps resume exact."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return [sorted(perm[i] for i in c) for c in chunks(n, parts)]
+
+
 @torch.no_grad()
 def logprob_pass(model: nn.Module, batch: Batch, d: Dist, *, temperature: float) -> tuple[Tensor, Tensor]:
     """Per-token log-probs and entropies [n, T] of the batch's responses under `model` (no gradient)."""

@@ -44,7 +44,7 @@ from fastprime.trainer.models import (
     load_tokenizer_and_model,
 )
 from fastprime.trainer.passes import Dist, logprob_phase
-from fastprime.trainer.policy import policy_phase
+from fastprime.trainer.policy import minibatch_seed, policy_phase
 from fastprime.trainer.prm import prm_phase
 from fastprime.trainer.rollout import RolloutEngine, build_rollout_engine, collect_batch
 
@@ -146,7 +146,8 @@ def train_step(t: Trainer, step: int, timer: Timer) -> dict:
     # 7. PPO mini-batches
     with timer("policy"):
         result, policy_stats = policy_phase(
-            t.policy, t.policy_opt, batch, logprobs, adv.advantages, d, config=cfg.policy, temperature=T
+            t.policy, t.policy_opt, batch, logprobs, adv.advantages, d, config=cfg.policy, temperature=T,
+            seed=minibatch_seed(cfg.train.seed, step),
         )
     t.state.skipped_steps += result.skipped
     # 8. weight sync into the rollout engine
