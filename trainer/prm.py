@@ -29,6 +29,13 @@ from fastprime.trainer.masked_ops import (
 )
 from fastprime.trainer.passes import Dist, all_sum, chunks, clip_and_step, micro_batches, padded
 
+# batch_norm's smallest divisor. A PRM equal to the reference gives q = 0 exactly (same packing), but float
+# noise from anywhere else (one fp32 log-prob rounds at ~2.4e-7 for logits of order 10; summed over a 3072-token
+# response that is at most ~7e-4 in a return) must not be scaled up to returns of order 1. 1e-3 sits above
+# that worst case while a PRM that has learned anything has returns far above it (its loss needs
+# beta * sum_t q of order 1, i.e. |sum_t q| ~ 1/beta = 20 at the default beta); below the floor, returns keep
+# their sign and relative size and just stay small.
+NORM_FLOOR = 1e-3
 GRANULARITIES = ("token", "whole")
 NORMS = ("batch_norm", "none")
 
@@ -46,15 +53,16 @@ def process_token_rewards(
         q: [n, T] log-ratio `logp_prm - logp_ref` (padding may hold anything, NaN included).
         mask: [n, T] bool/0-1, valid response tokens (EOS included); every row needs one.
         granularity: "token": r = q on every valid token; "whole": sum_t q on the last valid token.
-        norm: "batch_norm": divide all of r by `max_{i,t} |sum_{s>=t} r[i, s]| + 1e-6` (the largest absolute
-            process return-to-go among the rows given, so process returns lie in [-1, 1]); "none".
+        norm: "batch_norm": divide all of r by `max(max_{i,t} |sum_{s>=t} r[i, s]| + 1e-6, NORM_FLOOR)` (the
+            largest absolute process return-to-go among the rows given, so process returns lie in [-1, 1];
+            the floor keeps float noise near 0, see NORM_FLOOR); "none".
 
     The maximum is over the rows passed in: call it once on the iteration's whole batch (the reference code
     normalises after its PRM pass over all of a rank's data), not once per mini-batch.
 
     Returns:
         r: [n, T] in fp32 (fp64 if q is fp64), exactly 0 outside the mask. PyTorch equivalent:
-        `r = q * mask; r = r / (r.flip(-1).cumsum(-1).flip(-1).abs().max() + 1e-6)` for token/batch_norm.
+        `r = q * mask; r = r / max(r.flip(-1).cumsum(-1).flip(-1).abs().max() + 1e-6, 1e-3)` for token/batch_norm.
     """
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity = {granularity!r}, expected one of {GRANULARITIES}")
@@ -67,7 +75,7 @@ def process_token_rewards(
     if granularity == "whole":
         r = place_on_last_token(r.sum(dim=1), mask, dtype)
     if norm == "batch_norm":
-        r = r / (reverse_discounted_cumsum(r, mask).abs().max() + 1e-6)
+        r = r / (reverse_discounted_cumsum(r, mask).abs().max() + 1e-6).clamp(min=NORM_FLOOR)
     return r
 
 

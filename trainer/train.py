@@ -131,7 +131,9 @@ def train_step(t: Trainer, step: int, timer: Timer) -> dict:
         )
     batch = Batch.from_groups(groups, t.prompts, k=cfg.rollout.n_samples)
     # 4. log-probs without gradient: the trainer's own, not the rollout engine's
-    logprobs, logprob_stats = logprob_phase(t.policy, t.ref, batch, d, temperature=T, timer=timer)
+    logprobs, logprob_stats = logprob_phase(
+        t.policy, t.ref, batch, d, temperature=T, timer=timer, ref_parts=cfg.prm.mini_batches
+    )
     # 5. implicit PRM: update in the configured order, token rewards
     rewards, prm_stats = None, {}
     if t.prm is not None:
