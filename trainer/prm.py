@@ -225,20 +225,32 @@ def prm_phase(
 ) -> tuple[tuple[Tensor, int], dict[str, float]]:  # fmt: skip
     """prime.md step 5: PRM forward and update in the configured order, then the token rewards.
 
-    Returns ((rewards r [n, T], optimizer steps skipped for a non-finite loss or norm), stats)."""
+    Returns ((rewards r [n, T], optimizer steps skipped for a non-finite loss or norm), stats). A diverged PRM
+    (non-finite q on a valid token) gives non-finite rewards and `prm/nonfinite_tokens` > 0, no traceback:
+    the caller skips the policy update."""
     mask, acc = batch.mask.to(d.device), batch.acc.to(d.device)
     kw = dict(
         mini_batches=config.mini_batches, beta=config.beta, temperature=temperature, max_norm=config.grad_clip
     )
     res = prm_pass(prm, opt, batch, ref_logp, d, update=config.update != "none", **kw)
-    stats = {"prm/pairwise_acc": prm_pairwise_accuracy((res.q * mask).sum(1), acc, k=batch.k)}
+    stats = {"prm/pairwise_acc": _pairwise_accuracy(res.q, mask, acc, batch.k)}
     q = res.q
     if config.update == "before":  # rewards from a second forward, after the update
         q = prm_pass(prm, None, batch, ref_logp, d, update=False, **kw).q
-        stats["prm/pairwise_acc_after"] = prm_pairwise_accuracy((q * mask).sum(1), acc, k=batch.k)
+        stats["prm/pairwise_acc_after"] = _pairwise_accuracy(q, mask, acc, batch.k)
     stats["prm/loss"] = res.loss
     if config.update != "none":
         stats.update({"prm/grad_norm": res.grad_norm, "prm/skipped_steps": res.skipped})
+    nonfinite = int((~torch.isfinite(q) & mask).sum())
+    if nonfinite:
+        stats["prm/nonfinite_tokens"] = nonfinite
+        return (torch.full_like(q, float("nan")), res.skipped), stats
     rewards = process_token_rewards(q, mask, granularity=config.granularity, norm=config.norm)
     stats.update(process_reward_stats(rewards, mask, acc))
     return (rewards, res.skipped), stats
+
+
+def _pairwise_accuracy(q: Tensor, mask: Tensor, acc: Tensor, k: int) -> float | None:
+    """prm_pairwise_accuracy of the sequence sums of q; None (undefined) when a sum is not finite."""
+    seq = torch.where(mask, q, 0).sum(1)
+    return prm_pairwise_accuracy(seq, acc, k=k) if bool(torch.isfinite(seq).all()) else None

@@ -142,6 +142,13 @@ def train_step(t: Trainer, step: int, timer: Timer) -> dict:
                 t.prm, t.prm_opt, batch, logprobs.ref, d, config=cfg.prm, temperature=T
             )
         t.state.skipped_steps += skipped
+        if not bool(torch.isfinite(rewards).all()):  # a diverged PRM: no policy update on its rewards
+            t.log.write(f"iteration {step}: the PRM gave non-finite rewards; policy update skipped")
+            t.state.skipped_steps += cfg.policy.mini_batches * cfg.policy.epochs
+            stats = [rollout_stats, batch_stats(batch), logprob_stats, prm_stats, {"prm/nonfinite_skipped_update": 1}]
+            return iteration_record(
+                step, stats, timer.times, batch_tokens=None, policy_epochs=0, skipped_total=t.state.skipped_steps
+            )
     # 6. advantages
     with timer("advantages"):
         adv, adv_stats = advantage_phase(batch, rewards, d.device, config=cfg.algorithm)
