@@ -145,10 +145,11 @@ def train_step(t: Trainer, step: int, timer: Timer) -> dict:
         if not bool(torch.isfinite(rewards).all()):  # a diverged PRM: no policy update on its rewards
             t.log.write(f"iteration {step}: the PRM gave non-finite rewards; policy update skipped")
             t.state.skipped_steps += cfg.policy.mini_batches * cfg.policy.epochs
-            stats = [rollout_stats, batch_stats(batch), logprob_stats, prm_stats, {"prm/nonfinite_skipped_update": 1}]
+            skip = {"prm/nonfinite_skipped_update": 1}
+            stats = [rollout_stats, batch_stats(batch), logprob_stats, prm_stats, skip]
             return iteration_record(
                 step, stats, timer.times, batch_tokens=None, policy_epochs=0, skipped_total=t.state.skipped_steps
-            )
+            )  # fmt: skip
     # 6. advantages
     with timer("advantages"):
         adv, adv_stats = advantage_phase(batch, rewards, d.device, config=cfg.algorithm)
@@ -157,7 +158,7 @@ def train_step(t: Trainer, step: int, timer: Timer) -> dict:
         result, policy_stats = policy_phase(
             t.policy, t.policy_opt, batch, logprobs, adv.advantages, d, config=cfg.policy, temperature=T,
             seed=minibatch_seed(cfg.train.seed, step),
-        )
+        )  # fmt: skip
     t.state.skipped_steps += result.skipped
     # 8. weight sync into the rollout engine
     with timer("sync"):
@@ -218,7 +219,8 @@ def setup(cfg: Config, d: Dist, pool) -> Trainer:
     except ValueError as e:  # a malformed row or file: one line naming file and row
         raise SetupError(f"data: {e}") from None
     if cfg.train.batch_size > len(prompts):  # one rollout round samples B distinct prompts
-        raise SetupError(f"train.batch_size={cfg.train.batch_size} exceeds the {len(prompts)} training prompts")
+        n = len(prompts)
+        raise SetupError(f"train.batch_size={cfg.train.batch_size} exceeds the {n} training prompts")
     run_dir, resume_from = choose_run_dir(cfg, d.rank)
     if d.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
