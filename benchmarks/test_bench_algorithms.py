@@ -46,4 +46,3 @@ def test_bench_rloo_gamma_below_one(benchmark, batch):
     q, mask, acc = batch
     r = process_token_rewards(q, mask)
     benchmark(run, lambda: compute_advantages(acc, r, mask, k=K, gamma=0.99))
-

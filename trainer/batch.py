@@ -24,6 +24,7 @@ class Group:
     truncated: list[bool]  # [K] True where a response hit the length limit
     acc: list[float]  # [K] verifier scores in [0, 1]
     logprobs: list[list[float]] | None = None  # [K][len] the engine's sampling log-probs (vllm), else None
+    seed: int = -1  # generation seed of the rollout round that sampled it (-1: not recorded)
 
 
 @dataclass

@@ -8,6 +8,7 @@ then runs `validate` (all cross-checks in one place, each raising ValueError tha
 from __future__ import annotations
 
 import dataclasses
+import math
 import pathlib
 import types
 import typing
@@ -372,6 +373,7 @@ def validate(cfg: Config) -> Config:
     )
     need(cfg.eval.every >= 0, f"eval.every={cfg.eval.every} must be >= 0")
     _validate_warmstart(cfg.warmstart)
+    _validate_ranges(cfg)
     need(cfg.run.checkpoint_every >= 0, f"run.checkpoint_every={cfg.run.checkpoint_every} must be >= 0")
     need(cfg.run.keep_checkpoints >= 1, f"run.keep_checkpoints={cfg.run.keep_checkpoints} must be >= 1")
     need(cfg.run.stop_after >= 0, f"run.stop_after={cfg.run.stop_after} must be >= 0")
@@ -415,6 +417,59 @@ def _validate_warmstart(w: WarmStartConfig) -> None:
             raise ValueError(f"warmstart.{key}={getattr(w, key)} must be >= 1")
     if w.lr <= 0:
         raise ValueError(f"warmstart.lr={w.lr} must be > 0")
+
+
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+
+
+def _validate_ranges(cfg: Config) -> None:
+    """Every numeric field not checked above: a value that cannot work stops the run naming its key.
+
+    Floats must be finite (inf passes a `>= 0` test and then poisons every update)."""
+    for section in dataclasses.fields(cfg):
+        sub = getattr(cfg, section.name)
+        for f in dataclasses.fields(sub):
+            v = getattr(sub, f.name)
+            if isinstance(v, float):
+                _need(math.isfinite(v), f"{section.name}.{f.name}={v} must be a finite number")
+    m, p, a, w = cfg.model, cfg.policy, cfg.algorithm, cfg.warmstart
+    _need(
+        m.attn_implementation in ATTN_IMPLEMENTATIONS,
+        f"model.attn_implementation={m.attn_implementation!r} must be one of {ATTN_IMPLEMENTATIONS}",
+    )
+    _need(cfg.data.demo_eval_rows >= 0, f"data.demo_eval_rows={cfg.data.demo_eval_rows} must be >= 0")
+    # The PPO clip range [1 - clip_low, 1 + clip_high] must hold positive ratios: 1 - clip_low > 0.
+    _need(0 <= p.clip_low < 1, f"policy.clip_low={p.clip_low} must lie in [0, 1)")
+    _need(
+        p.kl_coef >= 0, f"policy.kl_coef={p.kl_coef} must be >= 0 (a negative KL coefficient rewards drift)"
+    )
+    _need(p.entropy_coef >= 0, f"policy.entropy_coef={p.entropy_coef} must be >= 0")
+    _need(0 < a.gamma <= 1, f"algorithm.gamma={a.gamma} must lie in (0, 1]")
+    _need(a.outcome_coef >= 0, f"algorithm.outcome_coef={a.outcome_coef} must be >= 0")
+    _need(a.process_coef >= 0, f"algorithm.process_coef={a.process_coef} must be >= 0")
+    _need(
+        a.outcome_coef > 0 or a.process_coef > 0,
+        "algorithm.outcome_coef and algorithm.process_coef are both 0: the advantages would all be 0",
+    )
+    _need(w.warmup_steps >= 0, f"warmstart.warmup_steps={w.warmup_steps} must be >= 0")
+    _need(w.weight_decay >= 0, f"warmstart.weight_decay={w.weight_decay} must be >= 0")
+    _need(w.grad_clip >= 0, f"warmstart.grad_clip={w.grad_clip} must be >= 0 (0 disables)")
+    _need(w.max_seconds > 0, f"warmstart.max_seconds={w.max_seconds} must be > 0")
+    for key in ("warmstart.seed", "train.seed"):
+        section, name = key.split(".")
+        v = getattr(getattr(cfg, section), name)
+        _need(v >= 0, f"{key}={v} must be >= 0")
+    _need(cfg.eval.max_rows >= 0, f"eval.max_rows={cfg.eval.max_rows} must be >= 0")
+    _need(cfg.eval.max_new_tokens >= 1, f"eval.max_new_tokens={cfg.eval.max_new_tokens} must be >= 1")
+    _need(cfg.eval.batch_size >= 1, f"eval.batch_size={cfg.eval.batch_size} must be >= 1")
+    _need(
+        cfg.train.micro_batch_tokens >= 1,
+        f"train.micro_batch_tokens={cfg.train.micro_batch_tokens} must be >= 1",
+    )
+    _need(bool(cfg.run.output_dir), "run.output_dir is empty: name a folder for the run folders")
+    _need(
+        not cfg.run.wandb or bool(cfg.run.wandb_project), "run.wandb_project is empty while run.wandb is on"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import pathlib
 import random
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -174,7 +175,11 @@ def load_prompts(
 
 
 class PromptStream:
-    """Endless seeded order over `n` prompts: a fresh permutation each epoch; `state_dict` saves the position."""
+    """Endless seeded order over `n` prompts: a fresh permutation each epoch; `state_dict` saves the position.
+
+    One `take` never returns an index twice: where it crosses into a new epoch, an index it already returned
+    is deferred within the new epoch's order (swapped with the next one not yet taken), so every epoch still
+    visits every prompt once. The order, swaps included, is part of the state, so resume replays it."""
 
     def __init__(self, n: int, *, seed: int, shuffle: bool = True) -> None:
         if n <= 0:
@@ -189,26 +194,43 @@ class PromptStream:
             random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
         return order
 
-    def take(self, count: int) -> list[int]:
-        """The next `count` prompt indices, wrapping into a new epoch as needed."""
-        out = []
+    def take(self, count: int, *, exclude: Collection[int] = ()) -> list[int]:
+        """The next `count` distinct prompt indices, none in `exclude`, wrapping into a new epoch as needed.
+
+        `exclude`: indices sampled in the same round from elsewhere (the refill buffer); met in the stream's
+        current epoch they count as visited (they are being sampled now) and are passed over."""
+        taken = set(exclude)
+        if count + len(taken) > self.n:
+            raise ValueError(
+                f"cannot take {count} distinct prompts besides {len(taken)} others from {self.n}"
+            )
+        out: list[int] = []
         while len(out) < count:
             if self.pos == self.n:
                 self.epoch, self.pos = self.epoch + 1, 0
                 self._order = self._make_order()
-            step = min(count - len(out), self.n - self.pos)
-            out += self._order[self.pos : self.pos + step]
-            self.pos += step
+            i = self._order[self.pos]
+            if i in out:  # met again in the next epoch within this take: defer it within that epoch
+                j = next(j for j in range(self.pos + 1, self.n) if self._order[j] not in taken)
+                self._order[self.pos], self._order[j] = self._order[j], i
+                i = self._order[self.pos]
+            self.pos += 1
+            if i not in taken:
+                out.append(i)
+                taken.add(i)
         return out
 
     def state_dict(self) -> dict:
-        return {"n": self.n, "seed": self.seed, "shuffle": self.shuffle, "epoch": self.epoch, "pos": self.pos}
+        return {
+            "n": self.n, "seed": self.seed, "shuffle": self.shuffle, "epoch": self.epoch, "pos": self.pos,
+            "order": list(self._order),
+        }  # fmt: skip
 
     def load_state_dict(self, d: dict) -> None:
         if d["n"] != self.n:
             raise ValueError(f"checkpoint was taken over {d['n']} prompts, this run has {self.n}")
         self.seed, self.shuffle, self.epoch, self.pos = d["seed"], d["shuffle"], d["epoch"], d["pos"]
-        self._order = self._make_order()
+        self._order = list(d["order"]) if "order" in d else self._make_order()
 
 
 def eval_row(p: Prompt) -> dict:

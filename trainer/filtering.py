@@ -2,8 +2,9 @@
 
 A group is the K responses to one prompt, contiguous in the batch. A group is kept when its mean outcome score
 lies in [lo, hi] (inclusive): all-wrong and all-right groups carry no leave-one-out signal. The trainer keeps
-sampling prompts until B groups pass; groups that passed beyond B wait in a `RefillBuffer` and go first next
-iteration.
+sampling prompts until B groups pass; the prompts of groups that passed beyond B wait in a `RefillBuffer` and are
+sampled again first next iteration (their responses are dropped: the next policy samples them afresh, as the
+reference code does, so no stale response is ever trained on).
 """
 
 from __future__ import annotations
@@ -60,27 +61,29 @@ def group_filter_mask(
 
 
 class RefillBuffer:
-    """First-in first-out store of groups that passed the filter beyond the batch size.
+    """First-in first-out store of prompts (indices) whose groups passed the filter beyond the batch size.
 
-    Groups are whatever picklable objects the trainer chooses (`batch.Group`: the prompt, its K responses and
-    scores). `take` returns the oldest first, so no passed group waits more than necessary.
+    `take` returns the oldest first, so no passed prompt waits more than necessary. An item already queued is
+    not queued twice (a prompt passed again in a later epoch is one prompt to resample, not two).
 
     Typical use per iteration::
 
-        groups = buffer.take(B)
+        idx = buffer.take(B)                          # sampled again, first, in the first round
         while len(groups) < B:
-            passed = sample_and_filter()           # list of groups that passed
+            passed = sample_and_filter(idx + fresh)   # groups that passed
             need = B - len(groups)
             groups += passed[:need]
-            buffer.add(passed[need:])
+            buffer.add([g.prompt for g in passed[need:]])
     """
 
     def __init__(self) -> None:
         self._groups: deque[Any] = deque()
 
     def add(self, groups: list) -> None:
-        """Append groups (oldest first in `groups`) at the back of the queue."""
-        self._groups.extend(groups)
+        """Append items (oldest first in `groups`) at the back of the queue, skipping any already queued."""
+        for g in groups:
+            if g not in self._groups:
+                self._groups.append(g)
 
     def take(self, batch_size: int) -> list:
         """Remove and return up to `batch_size` of the oldest groups (fewer if the buffer holds fewer)."""

@@ -66,11 +66,23 @@ def chunks(n: int, parts: int) -> list[list[int]]:
     return [list(range(bounds[i], bounds[i + 1])) for i in range(parts) if bounds[i + 1] > bounds[i]]
 
 
+def shuffled_chunks(n: int, parts: int, *, seed: int) -> list[list[int]]:
+    """Split a seeded permutation of range(n) into `parts` nearly equal mini-batches (each sorted).
+
+    The reference shuffles its PPO mini-batches; seeding from the run seed and step keeps resume exact."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return [sorted(perm[i] for i in c) for c in chunks(n, parts)]
+
+
 @torch.no_grad()
-def logprob_pass(model: nn.Module, batch: Batch, d: Dist, *, temperature: float) -> tuple[Tensor, Tensor]:
-    """Per-token log-probs and entropies [n, T] of the batch's responses under `model` (no gradient)."""
+def logprob_pass(
+    model: nn.Module, batch: Batch, d: Dist, *, temperature: float, parts: int = 1
+) -> tuple[Tensor, Tensor]:
+    """Per-token log-probs and entropies [n, T] of the batch's responses under `model` (no gradient).
+
+    parts: pack each of `chunks(n, parts)` separately, as a pass over that many mini-batches does."""
     logp, ent = padded(batch, d.device), padded(batch, d.device)
-    for mb in micro_batches(batch, list(range(batch.n)), d):
+    for mb in (mb for seqs in chunks(batch.n, parts) for mb in micro_batches(batch, seqs, d)):
         out = model(
             mb.input_ids,
             mb.position_ids,
@@ -118,15 +130,20 @@ class LogProbs:
 
 
 def logprob_phase(
-    policy: nn.Module, ref: nn.Module | None, batch: Batch, d: Dist, *, temperature: float, timer
-) -> tuple[LogProbs, dict[str, float]]:
-    """prime.md step 4: old and reference log-probs without gradient (the trainer's own, not the engine's)."""
+    policy: nn.Module, ref: nn.Module | None, batch: Batch, d: Dist, *, temperature: float, timer,
+    ref_parts: int = 1,
+) -> tuple[LogProbs, dict[str, float]]:  # fmt: skip
+    """prime.md step 4: old and reference log-probs without gradient (the trainer's own, not the engine's).
+
+    ref_parts: pack the reference pass in the PRM pass's mini-batches (prm.mini_batches). The packing decides
+    the float rounding of a forward; with the same packing a PRM equal to the reference gives q = 0 exactly,
+    where a different packing gives ~5e-7 noise that batch_norm used to blow up into rewards of order 1."""
     with timer("logprob_old"):
         old, entropy = logprob_pass(policy, batch, d, temperature=temperature)
     ref_logp = None
     if ref is not None:
         with timer("logprob_ref"):
-            ref_logp, _ = logprob_pass(ref, batch, d, temperature=temperature)
+            ref_logp, _ = logprob_pass(ref, batch, d, temperature=temperature, parts=ref_parts)
     mask = batch.mask.to(d.device)
     return LogProbs(old, entropy, ref_logp), {
         "policy/entropy_old": float((entropy * mask).sum() / mask.sum())

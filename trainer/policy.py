@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from fastprime.kernels import aggregation_weights, linear_ppo_loss
 from fastprime.trainer.batch import Batch
 from fastprime.trainer.config import PolicyConfig
-from fastprime.trainer.passes import Dist, LogProbs, all_sum, chunks, clip_and_step, micro_batches
+from fastprime.trainer.passes import Dist, LogProbs, all_sum, clip_and_step, micro_batches, shuffled_chunks
 
 
 @dataclass
@@ -28,6 +28,11 @@ class PolicyResult:
     stats: dict[
         str, float
     ]  # clip fractions, approx KL, entropy, ratio, KL to reference (token-weighted means)
+
+
+def minibatch_seed(seed: int, step: int, epoch: int = 0) -> int:
+    """Seed of one epoch's mini-batch shuffle: a function of the run seed, step and epoch, so resume replays it."""
+    return ((seed * 1_000_003 + step) * 101 + epoch) % (2**62)
 
 
 def policy_pass(
@@ -49,16 +54,19 @@ def policy_pass(
     entropy_coef: float,
     temperature: float,
     max_norm: float,
+    seed: int = 0,
 ) -> PolicyResult:
-    """PPO clipped-surrogate update: `epochs` passes over the batch in `mini_batches` optimizer steps."""
+    """PPO clipped-surrogate update: `epochs` passes over the batch in `mini_batches` optimizer steps.
+
+    Each epoch splits a fresh permutation of the responses, seeded by (`seed`, epoch), into the mini-batches."""
     lengths = [len(r) for r in batch.responses]
     names = ("clip_frac_low", "clip_frac_high", "dual_clip_frac", "approx_kl", "entropy", "ratio", "kl_ref")
     sums = torch.zeros(
         len(names) + 1, dtype=torch.float64, device=d.device
     )  # token-weighted sums + token count
     losses, norms, skipped, tokens, steps = [], [], 0, 0, 0
-    for _ in range(epochs):
-        for seqs in chunks(batch.n, mini_batches):
+    for epoch in range(epochs):
+        for seqs in shuffled_chunks(batch.n, mini_batches, seed=minibatch_seed(seed, 0, epoch)):
             if loss_agg == "token-mean":
                 norm_kw = {"num_tokens": sum(lengths[i] for i in seqs)}
             else:
@@ -107,14 +115,14 @@ def policy_pass(
 
 def policy_phase(
     policy: nn.Module, opt: torch.optim.Optimizer, batch: Batch, logprobs: LogProbs, advantages: Tensor, d: Dist,
-    *, config: PolicyConfig, temperature: float,
+    *, config: PolicyConfig, temperature: float, seed: int = 0,
 ) -> tuple[PolicyResult, dict[str, float]]:  # fmt: skip
     """prime.md step 7: `config.epochs` PPO passes over the batch, `config.mini_batches` optimizer steps each."""
     c = config
     res = policy_pass(
         policy, opt, batch, logprobs.old, advantages, d, ref_logp=logprobs.ref, mini_batches=c.mini_batches,
         epochs=c.epochs, loss_agg=c.loss_agg, clip_low=c.clip_low, clip_high=c.clip_high, dual_clip=c.dual_clip,
-        kl_coef=c.kl_coef, entropy_coef=c.entropy_coef, temperature=temperature, max_norm=c.grad_clip,
+        kl_coef=c.kl_coef, entropy_coef=c.entropy_coef, temperature=temperature, max_norm=c.grad_clip, seed=seed,
     )  # fmt: skip
     stats = {
         "policy/loss": res.loss,

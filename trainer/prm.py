@@ -37,6 +37,13 @@ from fastprime.trainer.passes import (
     reshard_after_no_grad,
 )
 
+# batch_norm's smallest divisor. A PRM equal to the reference gives q = 0 exactly (same packing), but float
+# noise from anywhere else (one fp32 log-prob rounds at ~2.4e-7 for logits of order 10; summed over a 3072-token
+# response that is at most ~7e-4 in a return) must not be scaled up to returns of order 1. 1e-3 sits above
+# that worst case while a PRM that has learned anything has returns far above it (its loss needs
+# beta * sum_t q of order 1, i.e. |sum_t q| ~ 1/beta = 20 at the default beta); below the floor, returns keep
+# their sign and relative size and just stay small.
+NORM_FLOOR = 1e-3
 GRANULARITIES = ("token", "whole")
 NORMS = ("batch_norm", "none")
 
@@ -54,15 +61,16 @@ def process_token_rewards(
         q: [n, T] log-ratio `logp_prm - logp_ref` (padding may hold anything, NaN included).
         mask: [n, T] bool/0-1, valid response tokens (EOS included); every row needs one.
         granularity: "token": r = q on every valid token; "whole": sum_t q on the last valid token.
-        norm: "batch_norm": divide all of r by `max_{i,t} |sum_{s>=t} r[i, s]| + 1e-6` (the largest absolute
-            process return-to-go among the rows given, so process returns lie in [-1, 1]); "none".
+        norm: "batch_norm": divide all of r by `max(max_{i,t} |sum_{s>=t} r[i, s]| + 1e-6, NORM_FLOOR)` (the
+            largest absolute process return-to-go among the rows given, so process returns lie in [-1, 1];
+            the floor keeps float noise near 0, see NORM_FLOOR); "none".
 
     The maximum is over the rows passed in: call it once on the iteration's whole batch (the reference code
     normalises after its PRM pass over all of a rank's data), not once per mini-batch.
 
     Returns:
         r: [n, T] in fp32 (fp64 if q is fp64), exactly 0 outside the mask. PyTorch equivalent:
-        `r = q * mask; r = r / (r.flip(-1).cumsum(-1).flip(-1).abs().max() + 1e-6)` for token/batch_norm.
+        `r = q * mask; r = r / max(r.flip(-1).cumsum(-1).flip(-1).abs().max() + 1e-6, 1e-3)` for token/batch_norm.
     """
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity = {granularity!r}, expected one of {GRANULARITIES}")
@@ -75,7 +83,7 @@ def process_token_rewards(
     if granularity == "whole":
         r = place_on_last_token(r.sum(dim=1), mask, dtype)
     if norm == "batch_norm":
-        r = r / (reverse_discounted_cumsum(r, mask).abs().max() + 1e-6)
+        r = r / (reverse_discounted_cumsum(r, mask).abs().max() + 1e-6).clamp(min=NORM_FLOOR)
     return r
 
 
@@ -227,20 +235,32 @@ def prm_phase(
 ) -> tuple[tuple[Tensor, int], dict[str, float]]:  # fmt: skip
     """prime.md step 5: PRM forward and update in the configured order, then the token rewards.
 
-    Returns ((rewards r [n, T], optimizer steps skipped for a non-finite loss or norm), stats)."""
+    Returns ((rewards r [n, T], optimizer steps skipped for a non-finite loss or norm), stats). A diverged PRM
+    (non-finite q on a valid token) gives non-finite rewards and `prm/nonfinite_tokens` > 0, no traceback:
+    the caller skips the policy update."""
     mask, acc = batch.mask.to(d.device), batch.acc.to(d.device)
     kw = dict(
         mini_batches=config.mini_batches, beta=config.beta, temperature=temperature, max_norm=config.grad_clip
     )
     res = prm_pass(prm, opt, batch, ref_logp, d, update=config.update != "none", **kw)
-    stats = {"prm/pairwise_acc": prm_pairwise_accuracy((res.q * mask).sum(1), acc, k=batch.k)}
+    stats = {"prm/pairwise_acc": _pairwise_accuracy(res.q, mask, acc, batch.k)}
     q = res.q
     if config.update == "before":  # rewards from a second forward, after the update
         q = prm_pass(prm, None, batch, ref_logp, d, update=False, **kw).q
-        stats["prm/pairwise_acc_after"] = prm_pairwise_accuracy((q * mask).sum(1), acc, k=batch.k)
+        stats["prm/pairwise_acc_after"] = _pairwise_accuracy(q, mask, acc, batch.k)
     stats["prm/loss"] = res.loss
     if config.update != "none":
         stats.update({"prm/grad_norm": res.grad_norm, "prm/skipped_steps": res.skipped})
+    nonfinite = int((~torch.isfinite(q) & mask).sum())
+    if nonfinite:
+        stats["prm/nonfinite_tokens"] = nonfinite
+        return (torch.full_like(q, float("nan")), res.skipped), stats
     rewards = process_token_rewards(q, mask, granularity=config.granularity, norm=config.norm)
     stats.update(process_reward_stats(rewards, mask, acc))
     return (rewards, res.skipped), stats
+
+
+def _pairwise_accuracy(q: Tensor, mask: Tensor, acc: Tensor, k: int) -> float | None:
+    """prm_pairwise_accuracy of the sequence sums of q; None (undefined) when a sum is not finite."""
+    seq = torch.where(mask, q, 0).sum(1)
+    return prm_pairwise_accuracy(seq, acc, k=k) if bool(torch.isfinite(seq).all()) else None

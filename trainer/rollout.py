@@ -12,7 +12,7 @@ all-gathered), so filtering, the refill buffer and the advantages are identical 
 from __future__ import annotations
 
 import copy
-import dataclasses
+import logging
 import pathlib
 from dataclasses import dataclass
 from typing import Protocol
@@ -20,6 +20,7 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from transformers import GenerationConfig
 
 from fastprime.trainer.batch import Group
 from fastprime.trainer.config import Config
@@ -27,6 +28,8 @@ from fastprime.trainer.data import Prompt, PromptStream
 from fastprime.trainer.diagnostics import outcome_stats
 from fastprime.trainer.filtering import RefillBuffer, group_filter_mask
 from fastprime.trainer.passes import Dist
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -72,6 +75,18 @@ class HFRolloutEngine:
         self.temperature, self.top_p = temperature, top_p
         self.max_new_tokens, self.chunk = max_new_tokens, prompts_per_generate
         self.device = torch.device(device)
+        # Sampling is exactly temperature/top_p, as the trainer's log-probs assume: nothing from the checkpoint's
+        # generation_config (repetition_penalty, top_k, min_p, ...), which transformers would otherwise merge in.
+        self._sampling = GenerationConfig(
+            do_sample=True, temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
+            eos_token_id=self.eos, pad_token_id=self.pad, use_cache=True,
+        )  # fmt: skip
+        ignored = _sampling_overrides(getattr(self.model, "generation_config", None))
+        if ignored:
+            log.warning(
+                "rollout: ignoring the checkpoint's generation_config %s (sampling uses only rollout.*)",
+                ignored,
+            )
         # Tied lm_head/embedding weights appear once in a sharded state dict; loading either key fills both.
         self._tied = (
             {k for k in self.model.state_dict() if k == "lm_head.weight"} if self._is_tied() else set()
@@ -99,19 +114,16 @@ class HFRolloutEngine:
         for i, p in enumerate(prompts):  # left padding: every prompt continues from its last real token
             ids[i, width - len(p) :] = torch.tensor(p)
             attn[i, width - len(p) :] = 1
-        seqs = self.model.generate(
-            input_ids=ids.to(self.device),
-            attention_mask=attn.to(self.device),
-            do_sample=True,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=0,
-            num_return_sequences=n,
-            max_new_tokens=self.max_new_tokens,
-            eos_token_id=self.eos,
-            pad_token_id=self.pad,
-            use_cache=True,
-        )
+        saved, self.model.generation_config = self.model.generation_config, self._sampling
+        try:  # the model's own config swapped out too: generate fills every unset field from it
+            seqs = self.model.generate(
+                input_ids=ids.to(self.device),
+                attention_mask=attn.to(self.device),
+                generation_config=self._sampling,
+                num_return_sequences=n,
+            )
+        finally:
+            self.model.generation_config = saved
         rollouts = []
         for row in seqs[:, width:].tolist():
             stop = next((t for t, tok in enumerate(row) if tok in self.eos), None)
@@ -129,6 +141,24 @@ class HFRolloutEngine:
             raise ValueError(
                 f"weight sync mismatch: missing {sorted(missing)}, unexpected {sorted(unexpected)}"
             )
+
+
+_NOT_SAMPLING = {
+    "eos_token_id",
+    "pad_token_id",
+    "bos_token_id",
+    "decoder_start_token_id",
+    "transformers_version",
+}
+
+
+def _sampling_overrides(config: GenerationConfig | None) -> dict:
+    """The checkpoint's generation_config entries that would change sampling (those the engine ignores)."""
+    if config is None:
+        return {}
+    return {
+        k: v for k, v in config.to_diff_dict().items() if k not in _NOT_SAMPLING and not k.startswith("_")
+    }
 
 
 def eos_token_ids(tok, lm) -> list[int]:
@@ -223,41 +253,46 @@ def rollout_round(
 ) -> tuple[list[Group], dict[str, int]]:
     """Sample k responses for each prompt in idx (split over ranks) and verify them.
 
-    Returns every rank the same (groups in idx order, verifier failure counts summed over ranks)."""
-    mine = idx[d.rank :: d.world]
+    Returns every rank the same (one group per entry of idx, in idx order: groups are keyed by position, so
+    a repeated index gets two groups; verifier failure counts summed over ranks)."""
+    mine = list(range(d.rank, len(idx), d.world))  # positions in idx
     with timer("rollout"):
-        rollouts = engine.generate([prompts[i].prompt_ids for i in mine], n=k, seed=seed) if mine else []
+        rollouts = engine.generate([prompts[idx[p]].prompt_ids for p in mine], n=k, seed=seed) if mine else []
     with timer("verify"):
         items = [
             {
-                "ability": prompts[i].ability,
+                "ability": prompts[idx[p]].ability,
                 "response": tok.decode(r.response_ids, skip_special_tokens=True),
-                "ground_truth": prompts[i].ground_truth,
+                "ground_truth": prompts[idx[p]].ground_truth,
             }
-            for j, i in enumerate(mine)
+            for j, p in enumerate(mine)
             for r in rollouts[j * k : (j + 1) * k]
         ]
         result = pool.score(items) if items else None
     local = [
-        Group(
-            prompt=i,
-            responses=[r.response_ids for r in rollouts[j * k : (j + 1) * k]],
-            truncated=[r.truncated for r in rollouts[j * k : (j + 1) * k]],
-            acc=[float(s) for s in result.scores[j * k : (j + 1) * k]],
-            logprobs=_sampling_logprobs(rollouts[j * k : (j + 1) * k]),
+        (
+            p,
+            Group(
+                prompt=idx[p],
+                responses=[r.response_ids for r in rollouts[j * k : (j + 1) * k]],
+                truncated=[r.truncated for r in rollouts[j * k : (j + 1) * k]],
+                acc=[float(s) for s in result.scores[j * k : (j + 1) * k]],
+                logprobs=_sampling_logprobs(rollouts[j * k : (j + 1) * k]),
+                seed=seed,
+            ),
         )
-        for j, i in enumerate(mine)
+        for j, p in enumerate(mine)
     ]
     failures = dict(result.failures) if result is not None else {}
     gathered = [None] * d.world
     dist.all_gather_object(gathered, (local, failures))
-    by_prompt, total_failures = {}, {}
+    by_position, total_failures = {}, {}
     for groups, fails in gathered:
-        for g in groups:
-            by_prompt[g.prompt] = g
+        for p, g in groups:
+            by_position[p] = g
         for kind, count in fails.items():
             total_failures[kind] = total_failures.get(kind, 0) + count
-    return [by_prompt[i] for i in idx], total_failures
+    return [by_position[p] for p in range(len(idx))], total_failures
 
 
 def _sampling_logprobs(rollouts: list[Rollout]) -> list[list[float]] | None:
@@ -271,17 +306,19 @@ def collect_batch(
     engine, pool, prompts: list[Prompt], stream: PromptStream, buffer: RefillBuffer, cfg: Config, step: int,
     d: Dist, timer, tok,
 ) -> tuple[list[Group], dict[str, float]]:  # fmt: skip
-    """Groups for this iteration: refill buffer first, then rollout rounds until B groups pass or max_rounds."""
+    """Groups for this iteration: rollout rounds until B groups pass or max_rounds.
+
+    The refill buffer holds prompt indices that passed beyond B earlier; the first round samples them again
+    (with the current policy) before fresh prompts, so every group trained on was sampled in this iteration."""
     B, k, f = cfg.train.batch_size, cfg.rollout.n_samples, cfg.filter
-    # Buffered groups were sampled by an older policy: their engine log-probs are dropped, so the engine/trainer
-    # agreement check covers this iteration's samples only.
-    groups = [dataclasses.replace(g, logprobs=None) for g in buffer.take(B)]
-    from_buffer = len(groups)
+    buffered = buffer.take(B)
+    from_buffer, buffer_passed, groups = len(buffered), 0, []
     all_acc, all_trunc, all_len, failures, rounds, seen, passed = [], [], [], {}, 0, 0, 0
     while len(groups) < B and rounds < f.max_rounds:
         rounds += 1
+        idx = buffered + stream.take(B - len(buffered), exclude=buffered)
         new, new_failures = rollout_round(
-            engine, pool, prompts, stream.take(B), k=k, seed=generation_seed(cfg.train.seed, step, rounds, d.rank),
+            engine, pool, prompts, idx, k=k, seed=generation_seed(cfg.train.seed, step, rounds, d.rank),
             d=d, timer=timer, tok=tok,
         )  # fmt: skip
         with timer("filter"):
@@ -298,15 +335,18 @@ def collect_batch(
                 )
             else:
                 keep = torch.ones(len(new), dtype=torch.bool)
+            buffer_passed += int(keep[: len(buffered)].sum())
+            buffered = []
             ok = [g for g, kp in zip(new, keep.tolist()) if kp]
             seen, passed = seen + len(new), passed + len(ok)
             need = B - len(groups)
             groups += ok[:need]
-            buffer.add(ok[need:])
+            buffer.add([g.prompt for g in ok[need:]])
     stats = {
         "filter/pass_rate": passed / max(seen, 1),
         "filter/rounds": rounds,
         "filter/from_buffer": from_buffer,
+        "filter/from_buffer_passed": buffer_passed,
         "filter/buffer_size": len(buffer),
         "filter/missing_groups": B - len(groups),
         "rollout/responses": len(all_len),
@@ -314,7 +354,7 @@ def collect_batch(
         "verify/failures": sum(failures.values()),
         **{f"verify/failures_{kind}": c for kind, c in failures.items()},
     }
-    if all_len:  # no rollout at all when the refill buffer alone filled the batch
+    if all_len:
         stats.update(_rollout_stats(torch.cat(all_acc), torch.cat(all_trunc), all_len, k))
     if len(groups) < B:
         stats["filter/max_rounds_hit"] = 1

@@ -44,7 +44,7 @@ from fastprime.trainer.models import (
     load_tokenizer_and_model,
 )
 from fastprime.trainer.passes import Dist, logprob_phase
-from fastprime.trainer.policy import policy_phase
+from fastprime.trainer.policy import minibatch_seed, policy_phase
 from fastprime.trainer.prm import prm_phase
 from fastprime.trainer.rollout import (
     HFRolloutEngine,
@@ -141,7 +141,9 @@ def train_step(t: Trainer, step: int, timer: Timer) -> dict:
     engine_sleep(t.engine)  # GPU sleep mode: the trainer's phases get the engine's memory until the sync
     batch = Batch.from_groups(groups, t.prompts, k=cfg.rollout.n_samples)
     # 4. log-probs without gradient: the trainer's own, not the rollout engine's
-    logprobs, logprob_stats = logprob_phase(t.policy, t.ref, batch, d, temperature=T, timer=timer)
+    logprobs, logprob_stats = logprob_phase(
+        t.policy, t.ref, batch, d, temperature=T, timer=timer, ref_parts=cfg.prm.mini_batches
+    )
     logprob_stats.update(engine_agreement_stats(batch.sample_logprobs, logprobs.old))
     # 5. implicit PRM: update in the configured order, token rewards
     rewards, prm_stats = None, {}
@@ -151,14 +153,24 @@ def train_step(t: Trainer, step: int, timer: Timer) -> dict:
                 t.prm, t.prm_opt, batch, logprobs.ref, d, config=cfg.prm, temperature=T
             )
         t.state.skipped_steps += skipped
+        if not bool(torch.isfinite(rewards).all()):  # a diverged PRM: no policy update on its rewards
+            t.log.write(f"iteration {step}: the PRM gave non-finite rewards; policy update skipped")
+            t.state.skipped_steps += cfg.policy.mini_batches * cfg.policy.epochs
+            sync_policy(t.engine, t.policy)  # unchanged weights; wakes a sleeping engine for the next rollout
+            skip = {"prm/nonfinite_skipped_update": 1}
+            stats = [rollout_stats, batch_stats(batch), logprob_stats, prm_stats, skip]
+            return iteration_record(
+                step, stats, timer.times, batch_tokens=None, policy_epochs=0, skipped_total=t.state.skipped_steps
+            )  # fmt: skip
     # 6. advantages
     with timer("advantages"):
         adv, adv_stats = advantage_phase(batch, rewards, d.device, config=cfg.algorithm)
     # 7. PPO mini-batches
     with timer("policy"):
         result, policy_stats = policy_phase(
-            t.policy, t.policy_opt, batch, logprobs, adv.advantages, d, config=cfg.policy, temperature=T
-        )
+            t.policy, t.policy_opt, batch, logprobs, adv.advantages, d, config=cfg.policy, temperature=T,
+            seed=minibatch_seed(cfg.train.seed, step),
+        )  # fmt: skip
     t.state.skipped_steps += result.skipped
     # 8. weight sync into the rollout engine
     with timer("sync"):
@@ -219,6 +231,9 @@ def setup(cfg: Config, d: Dist, pool) -> Trainer:
         prompts, eval_rows, warm_rows, data_stats = load_data(cfg, tok)
     except ValueError as e:  # a malformed row or file: one line naming file and row
         raise SetupError(f"data: {e}") from None
+    if cfg.train.batch_size > len(prompts):  # one rollout round samples B distinct prompts
+        n = len(prompts)
+        raise SetupError(f"train.batch_size={cfg.train.batch_size} exceeds the {n} training prompts")
     run_dir, resume_from = choose_run_dir(cfg, d.rank)
     if d.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -302,8 +317,9 @@ def finish(t: Trainer, record: dict) -> None:
     png = plot_curves(t.run_dir / "metrics.jsonl", t.run_dir / "curves.png")
     first, last = state.initial_eval, record.get("eval/acc")  # last: only if evaluated in the last iteration
     if done and first is not None and last is not None:
+        when = "after the warm start" if state.warmstart is not None else "before RL"
         print(
-            f"held-out greedy accuracy: {first:.1%} after the warm start -> {last:.1%} after "
+            f"held-out greedy accuracy: {first:.1%} {when} -> {last:.1%} after "
             f"{state.step} iterations ({100 * (last - first):+.1f} points). Curves: {png}",
             flush=True,
         )

@@ -148,3 +148,39 @@ def test_policy_pass_equals_eager_fp64_reference(
         torch.testing.assert_close(
             v.double(), sd_ref[k], atol=5e-5, rtol=1e-4, msg=lambda m, k=k: f"{k}: {m}"
         )
+
+
+def test_mini_batches_are_seeded_shuffles_not_slices():
+    from fastprime.trainer.passes import shuffled_chunks
+    from fastprime.trainer.policy import minibatch_seed
+
+    parts = shuffled_chunks(16, 4, seed=minibatch_seed(0, 5))
+    assert sorted(i for p in parts for i in p) == list(range(16)) and [len(p) for p in parts] == [4] * 4
+    contiguous = [list(range(4 * j, 4 * j + 4)) for j in range(4)]
+    assert parts != contiguous and any(p != list(range(p[0], p[0] + len(p))) for p in parts), parts
+    assert shuffled_chunks(16, 4, seed=minibatch_seed(0, 5)) == parts, "same seed and step: same order"
+    assert shuffled_chunks(16, 4, seed=minibatch_seed(0, 6)) != parts, "another step: another order"
+
+
+def test_policy_pass_uses_the_seeded_order(group_of_one, random_batch):
+    """Two mini-batches: the same seed gives the same weights, another seed another split and other weights."""
+    tok = build_tokenizer()
+    lm = build_tiny_model(tok, seed=0)
+    batch = random_batch(len(tok))
+    adv = torch.randn(batch.mask.shape, generator=torch.Generator().manual_seed(3)) * batch.mask
+    d = Dist(rank=group_of_one.rank, world=group_of_one.world, device=group_of_one.device, token_budget=4096)
+
+    def run(seed):
+        model = shard_model(copy.deepcopy(lm), device=d.device)
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        old, _ = logprob_pass(model, batch, d, temperature=1.0)
+        policy_pass(
+            model, opt, batch, old, adv, d, ref_logp=None, mini_batches=2, epochs=1,
+            loss_agg="token-mean", clip_low=0.2, clip_high=0.2, dual_clip=None, kl_coef=0.0, entropy_coef=0.0,
+            temperature=1.0, max_norm=1e9, seed=seed,
+        )  # fmt: skip
+        return full_state_dict(model)
+
+    a, b, c = run(1), run(1), run(2)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)

@@ -56,3 +56,28 @@ def test_weight_sync_changes_generation_and_rejects_wrong_keys(setup):
     assert eng.generate(prompts, n=1, seed=0)[0].response_ids != before
     with pytest.raises(ValueError, match="missing"):
         eng.sync_weights({k: v for k, v in new.items() if "layers.0." not in k})
+
+
+def test_checkpoint_generation_config_does_not_change_sampling(setup, caplog):
+    """A checkpoint whose generation_config sets penalties and top_k samples exactly like one without it."""
+    import copy
+    import logging
+
+    tok, lm = setup
+    plain = _engine(tok, lm, temperature=1.0)
+    tuned = copy.deepcopy(lm)
+    gc = tuned.generation_config
+    gc.do_sample, gc.repetition_penalty, gc.top_k, gc.no_repeat_ngram_size, gc.temperature = (
+        True,
+        1.8,
+        3,
+        2,
+        0.3,
+    )
+    with caplog.at_level(logging.WARNING, logger="fastprime.trainer.rollout"):
+        other = _engine(tok, tuned, temperature=1.0)
+    prompts = [tok("<|user|>1+2=<|assistant|>")["input_ids"], tok("<|user|>9-4=<|assistant|>")["input_ids"]]
+    want = [r.response_ids for r in plain.generate(prompts, n=4, seed=3)]
+    assert [r.response_ids for r in other.generate(prompts, n=4, seed=3)] == want
+    assert other.model.generation_config.repetition_penalty == 1.8, "the model's own config is kept (export)"
+    assert "repetition_penalty" in caplog.text and "top_k" in caplog.text, caplog.text
