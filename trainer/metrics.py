@@ -84,7 +84,8 @@ def iteration_record(
         if "time/prm_s" in times:
             record["perf/prm_tokens_per_s"] = per_s(batch_tokens, "prm")
         record["perf/policy_tokens_per_s"] = per_s(batch_tokens * policy_epochs, "policy")
-        record["perf/logprob_tokens_per_s"] = per_s(batch_tokens, "logprob_old")
+        if "time/logprob_old_s" in times:  # not when the on-policy update skipped the pass
+            record["perf/logprob_tokens_per_s"] = per_s(batch_tokens, "logprob_old")
     record["perf/rollout_tokens_per_s"] = per_s(record["rollout/tokens"], "rollout")
     record["train/skipped_steps_total"] = skipped_total
     return record

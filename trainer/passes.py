@@ -102,21 +102,33 @@ def clip_and_step(
 class LogProbs:
     """Phase 4's result: [n, T] per-token tensors of the sampled responses, 0 on padding."""
 
-    old: Tensor  # the policy's log-probs before the update (logp_old), recomputed by the trainer
-    entropy: Tensor  # the policy's entropy at each response position
+    old: (
+        Tensor | None
+    )  # the policy's log-probs before the update (logp_old); None when the update is on-policy
+    entropy: Tensor | None  # the policy's entropy at each response position; None with `old`
     ref: Tensor | None  # the frozen reference's log-probs; None when neither the PRM nor a KL term uses them
 
 
 def logprob_phase(
-    policy: nn.Module, ref: nn.Module | None, batch: Batch, d: Dist, *, temperature: float, timer
-) -> tuple[LogProbs, dict[str, float]]:
-    """prime.md step 4: old and reference log-probs without gradient (the trainer's own, not the engine's)."""
-    with timer("logprob_old"):
-        old, entropy = logprob_pass(policy, batch, d, temperature=temperature)
+    policy: nn.Module, ref: nn.Module | None, batch: Batch, d: Dist, *, temperature: float, timer,
+    on_policy: bool = False,
+) -> tuple[LogProbs, dict[str, float]]:  # fmt: skip
+    """prime.md step 4: old and reference log-probs without gradient (the trainer's own, not the engine's).
+
+    on_policy (one epoch of one mini-batch, `policy.is_on_policy`): the update's only forward runs the weights
+    this pass would, so logp_old = that forward's log-probs, detached; the pass is skipped (TRL skips it too),
+    `old` is None and the metric `logprob/old_pass_skipped` = 1. `policy/entropy_old` then comes from the policy
+    pass (policy_phase)."""
+    old = entropy = None
+    if not on_policy:
+        with timer("logprob_old"):
+            old, entropy = logprob_pass(policy, batch, d, temperature=temperature)
     ref_logp = None
     if ref is not None:
         with timer("logprob_ref"):
             ref_logp, _ = logprob_pass(ref, batch, d, temperature=temperature)
+    if on_policy:
+        return LogProbs(None, None, ref_logp), {"logprob/old_pass_skipped": 1}
     mask = batch.mask.to(d.device)
     return LogProbs(old, entropy, ref_logp), {
         "policy/entropy_old": float((entropy * mask).sum() / mask.sum())

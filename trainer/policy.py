@@ -34,7 +34,7 @@ def policy_pass(
     policy: nn.Module,
     opt: torch.optim.Optimizer,
     batch: Batch,
-    old_logp: Tensor,
+    old_logp: Tensor | None,
     advantages: Tensor,
     d: Dist,
     *,
@@ -50,7 +50,11 @@ def policy_pass(
     temperature: float,
     max_norm: float,
 ) -> PolicyResult:
-    """PPO clipped-surrogate update: `epochs` passes over the batch in `mini_batches` optimizer steps."""
+    """PPO clipped-surrogate update: `epochs` passes over the batch in `mini_batches` optimizer steps.
+
+    old_logp None (on-policy, see `is_on_policy`): each token's logp_old is its own forward's logp, detached."""
+    if old_logp is None and (epochs, mini_batches) != (1, 1):
+        raise ValueError(f"old_logp=None needs epochs=1 and mini_batches=1, got {epochs} and {mini_batches}")
     lengths = [len(r) for r in batch.responses]
     names = ("clip_frac_low", "clip_frac_high", "dual_clip_frac", "approx_kl", "entropy", "ratio", "kl_ref")
     sums = torch.zeros(
@@ -67,7 +71,8 @@ def policy_pass(
             for mb in micro_batches(batch, seqs, d):
                 w = aggregation_weights(mb.response_mask, mb.seq_ids, loss_agg, **norm_kw)
                 w = w * (0.0 if mb.filler else float(d.world))
-                old, adv = mb.from_padded(old_logp), mb.from_padded(advantages)
+                adv = mb.from_padded(advantages)
+                old = mb.from_padded(old_logp) if old_logp is not None else None
                 ref = mb.from_padded(ref_logp) if ref_logp is not None else None
                 loss, st = policy(
                     mb.input_ids,
@@ -105,6 +110,11 @@ def policy_pass(
     )
 
 
+def is_on_policy(config: PolicyConfig) -> bool:
+    """One epoch of one mini-batch: the update's single forward is at the rollout weights, logp_old = logp."""
+    return config.epochs == 1 and config.mini_batches == 1
+
+
 def policy_phase(
     policy: nn.Module, opt: torch.optim.Optimizer, batch: Batch, logprobs: LogProbs, advantages: Tensor, d: Dist,
     *, config: PolicyConfig, temperature: float,
@@ -123,4 +133,6 @@ def policy_phase(
         "policy/clip_frac": res.stats["clip_frac_low"] + res.stats["clip_frac_high"],
         **{f"policy/{k}": v for k, v in res.stats.items()},
     }
+    if logprobs.old is None:  # the skipped old pass's metric, from the same weights' forward here
+        stats["policy/entropy_old"] = res.stats["entropy"]
     return res, stats

@@ -44,7 +44,7 @@ from fastprime.trainer.models import (
     load_tokenizer_and_model,
 )
 from fastprime.trainer.passes import Dist, logprob_phase
-from fastprime.trainer.policy import policy_phase
+from fastprime.trainer.policy import is_on_policy, policy_phase
 from fastprime.trainer.prm import prm_phase
 from fastprime.trainer.rollout import RolloutEngine, build_rollout_engine, collect_batch
 
@@ -131,7 +131,9 @@ def train_step(t: Trainer, step: int, timer: Timer) -> dict:
         )
     batch = Batch.from_groups(groups, t.prompts, k=cfg.rollout.n_samples)
     # 4. log-probs without gradient: the trainer's own, not the rollout engine's
-    logprobs, logprob_stats = logprob_phase(t.policy, t.ref, batch, d, temperature=T, timer=timer)
+    logprobs, logprob_stats = logprob_phase(
+        t.policy, t.ref, batch, d, temperature=T, timer=timer, on_policy=is_on_policy(cfg.policy)
+    )
     # 5. implicit PRM: update in the configured order, token rewards
     rewards, prm_stats = None, {}
     if t.prm is not None:
