@@ -26,6 +26,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from fastprime.trainer import attention as packed_attention
 from fastprime.trainer.config import Config, SetupError
 
 # The fused heads return per-token tensors that are views (a reshape of the kernel output); nothing modifies
@@ -69,7 +70,10 @@ class HeadlessLM(nn.Module):
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, head: Callable[..., Any]) -> Any:
         """input_ids, position_ids [1, N] packed (position_ids restart at 0 per sequence)."""
-        out = self.lm.model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+        kwargs = {}
+        if self.lm.config._attn_implementation == packed_attention.NAME:  # sequence bounds once, not per layer
+            kwargs["packed_lengths"] = packed_attention.sequence_lengths_from_positions(position_ids)
+        out = self.lm.model(input_ids=input_ids, position_ids=position_ids, use_cache=False, **kwargs)
         lm_head = self.lm.lm_head
         return head(out.last_hidden_state[0], lm_head.weight, getattr(lm_head, "bias", None))
 
@@ -93,9 +97,13 @@ def shard_model(
 ) -> HeadlessLM:
     """Wrap `lm` in HeadlessLM and apply FSDP2: fully_shard each decoder block, then the root.
 
+    sdpa/eager attention becomes the "fastprime_packed" backend (trainer/attention.py: attention within each
+    packed sequence, no dense mask); flash_attention_2 stays (its varlen path needs no mask either).
     mixed_precision applies on CUDA only (bf16 params in compute, fp32 reduce); on CPU everything stays fp32.
     A frozen model (the reference) gets requires_grad=False and eval mode."""
     lm.config.use_cache = False
+    if lm.config._attn_implementation in ("sdpa", "eager"):  # their packed path builds a dense [N, N] mask
+        lm.config._attn_implementation = packed_attention.register()
     if activation_checkpointing and trainable:
         # transformers 5 renamed gradient_checkpointing_enable (deprecated, removed in v6)
         enable = getattr(lm, "activation_checkpointing_enable", None)
