@@ -75,11 +75,12 @@ def logprob_pass(model: nn.Module, batch: Batch, d: Dist, *, temperature: float)
             mb.input_ids,
             mb.position_ids,
             lambda h, w, b, mb=mb: linear_logprobs(
-                h, w, mb.targets, bias=b, temperature=temperature, return_entropy=True
+                h, w, mb.head_targets, bias=b, temperature=temperature, return_entropy=True
             ),
+            mb.pos,
         )
-        mb.to_padded(out.logp, logp)
-        mb.to_padded(out.entropy, ent)
+        mb.head_to_padded(out.logp, logp)
+        mb.head_to_padded(out.entropy, ent)
     return all_sum(logp), all_sum(ent)
 
 

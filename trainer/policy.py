@@ -69,19 +69,20 @@ def policy_pass(
                 norm_kw = {"num_seqs": len(seqs)}
             total = torch.zeros((), device=d.device)
             for mb in micro_batches(batch, seqs, d):
-                w = aggregation_weights(mb.response_mask, mb.seq_ids, loss_agg, **norm_kw)
+                w = aggregation_weights(mb.head_mask, mb.head_seq_ids, loss_agg, **norm_kw)
                 w = w * (0.0 if mb.filler else float(d.world))
-                adv = mb.from_padded(advantages)
-                old = mb.from_padded(old_logp) if old_logp is not None else None
-                ref = mb.from_padded(ref_logp) if ref_logp is not None else None
+                adv = mb.head_from_padded(advantages)
+                old = mb.head_from_padded(old_logp) if old_logp is not None else None
+                ref = mb.head_from_padded(ref_logp) if ref_logp is not None else None
                 loss, st = policy(
                     mb.input_ids,
                     mb.position_ids,
                     lambda h, wt, b, mb=mb, w=w, old=old, adv=adv, ref=ref: linear_ppo_loss(
-                        h, wt, mb.targets, old, adv, w,
+                        h, wt, mb.head_targets, old, adv, w,
                         clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, temperature=temperature,
                         ref_logp=ref, kl_coef=kl_coef if ref is not None else 0.0, entropy_coef=entropy_coef, bias=b,
                     ),
+                    mb.pos,
                 )  # fmt: skip
                 loss.backward()
                 total += loss.detach()  # loss and stats stay on the device: one host sync per mini-batch
