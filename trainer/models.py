@@ -29,6 +29,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from fastprime.trainer import attention as packed_attention
 from fastprime.trainer.config import Config, SetupError
+from fastprime.trainer.liger import apply_body_kernels
 
 # The fused heads return per-token tensors that are views (a reshape of the kernel output); nothing modifies
 # them in place, which is the case this FSDP2 warning is about.
@@ -111,7 +112,9 @@ def shard_model(
     mixed_precision applies on CUDA only (bf16 params in compute, fp32 reduce); on CPU everything stays fp32.
     A frozen model (the reference) gets requires_grad=False and eval mode."""
     lm.config.use_cache = False
-    lm.zero_grad(set_to_none=True)  # a warm start leaves its last gradients; FSDP's new parameters drop them too
+    lm.zero_grad(
+        set_to_none=True
+    )  # a warm start leaves its last gradients; FSDP's new parameters drop them too
     if lm.config._attn_implementation in ("sdpa", "eager"):  # their packed path builds a dense [N, N] mask
         lm.config._attn_implementation = packed_attention.register()
     if activation_checkpointing and trainable:
@@ -122,6 +125,7 @@ def shard_model(
         else:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lm.to(device)
+    apply_body_kernels(lm, device.type)  # CUDA + liger-kernel installed only
     if not trainable:
         lm.requires_grad_(False)
     model = HeadlessLM(lm)
