@@ -29,7 +29,9 @@ def dense_mask(lengths: list[int]) -> torch.Tensor:
 
 
 def run_dense(q, k, v, lengths, scale):
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask(lengths), scale=scale, enable_gqa=True)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=dense_mask(lengths), scale=scale, enable_gqa=True
+    )
 
 
 def timed(fn, q, k, v, lengths, repeats: int) -> float:
@@ -56,7 +58,9 @@ def main() -> None:
     args = ap.parse_args()
     methods = {
         "dense mask": run_dense,
-        "per-sequence": lambda q, k, v, L, s: packed_causal_attention(q, k, v, L, scale=s, strategy="per_sequence"),
+        "per-sequence": lambda q, k, v, L, s: packed_causal_attention(
+            q, k, v, L, scale=s, strategy="per_sequence"
+        ),
         "padded": lambda q, k, v, L, s: packed_causal_attention(q, k, v, L, scale=s, strategy="padded"),
     }
     print(f"threads {torch.get_num_threads()}, fwd+bwd ms (min of {args.repeats})\n")
