@@ -62,7 +62,12 @@ def packed_causal_attention(
             sl = slice(start, start + n)
             outs.append(
                 F.scaled_dot_product_attention(
-                    query[:, :, sl], key[:, :, sl], value[:, :, sl], is_causal=True, scale=scale, enable_gqa=gqa
+                    query[:, :, sl],
+                    key[:, :, sl],
+                    value[:, :, sl],
+                    is_causal=True,
+                    scale=scale,
+                    enable_gqa=gqa,
                 )
             )
             start += n
