@@ -31,6 +31,7 @@ import time
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 PROMPTS, SAMPLES, NEW_TOKENS, LR = 16, 4, 64, 1e-4
+OUTSIDE = {"time/checkpoint_s", "time/eval_s"}  # fastprime's end-of-run work, left out of its iteration time
 PAIRS = {"outcome-only": (0.0, "0"), "with a reference": (0.04, "0.1")}  # (TRL beta, fastprime process_coef)
 
 
@@ -137,9 +138,11 @@ def summarize(side: str, runs: list[list[dict]]) -> dict:
             "length": median_of(recs, "completions/mean_length"),
             "phases": {p.split(": ")[-1]: median_of(recs, p) for p in phases},
         }
-    phases = sorted({k for r in recs for k in r if k.startswith("time/") and k != "time/iteration_s"})
+    for r in recs:  # the run's end-of-run checkpoint (and evaluation) is no part of TRL's timed step
+        r["train_s"] = r["time/iteration_s"] - r.get("time/checkpoint_s", 0.0) - r.get("time/eval_s", 0.0)
+    phases = sorted({k for r in recs for k in r if k.startswith("time/")} - {"time/iteration_s"} - OUTSIDE)
     return {
-        "iteration_s": median_of(recs, "time/iteration_s"),
+        "iteration_s": median_of(recs, "train_s"),
         "length": median_of(recs, "response/length_mean"),
         "phases": {p[5:-2]: median_of(recs, p) for p in phases},
         "old_pass_skipped": median_of(recs, "logprob/old_pass_skipped"),
@@ -185,8 +188,7 @@ def report(results: dict, args, load_before, load_after, started: str) -> str:
     lines += ["", "Per-run iteration medians (s), in the order run:", ""]
     for pair, r in results.items():
         for side in ("trl", "fastprime"):
-            key = "iteration_s" if side == "trl" else "time/iteration_s"
-            meds = [f"{median_of(run[1:], key):.3f}" for run in r[f"{side}_runs"]]
+            meds = [f"{summarize(side, [run])['iteration_s']:.3f}" for run in r[f"{side}_runs"]]
             lines.append(f"- {pair}, {side}: {', '.join(meds)}")
     return "\n".join(lines) + "\n"
 
@@ -199,9 +201,22 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "vs_trl_cpu.md"))
     ap.add_argument("--trl-worker", type=float, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--json", default=None, help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--from-json", nargs=4, default=None, help="raw results file, load before, after, start time"
+    )
     args = ap.parse_args()
     if args.trl_worker is not None:
         return trl_worker(args.trl_worker, args.iterations, args.json)
+    if (
+        args.from_json
+    ):  # re-render a finished (or partial) run's raw results: from_json LOAD_BEFORE LOAD_AFTER START
+        path, before, after, started = args.from_json
+        results = json.loads(pathlib.Path(path).read_text())
+        for r in results.values():
+            r["trl"], r["fastprime"] = (summarize(s, r[f"{s}_runs"]) for s in ("trl", "fastprime"))
+        text = report(results, args, before, after, started)
+        pathlib.Path(args.out).write_text(text)
+        return print(text)
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
     started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M")
     load_before = tuple(round(x, 1) for x in os.getloadavg())
