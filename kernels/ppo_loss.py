@@ -153,7 +153,7 @@ def linear_ppo_loss(
     hidden: Tensor,
     weight: Tensor,
     targets: Tensor,
-    old_logp: Tensor,
+    old_logp: Tensor | None,
     advantages: Tensor,
     w: Tensor,
     *,
@@ -173,7 +173,8 @@ def linear_ppo_loss(
     Args:
         hidden: [..., D] fp32/fp16/bf16 final hidden states; weight: [V, D] lm_head; bias: [V] or None.
         targets: [...] int64 sampled tokens (ignore_index: no loss, no gradient).
-        old_logp, advantages, w: [...] the behaviour policy's log-probs, advantages, and aggregation weights
+        old_logp, advantages, w: [...] the behaviour policy's log-probs, advantages, and aggregation weights;
+            old_logp None means on-policy: the log-probs of this very forward, detached (ratio exactly 1)
             (`aggregation_weights`); ref_logp: [...] reference log-probs for the k3 KL term (needs kl_coef).
         impl: "reference" (eager, materialises logits), "chunked", "triton", or "auto" (see `resolve_impl`).
     Returns:
@@ -190,7 +191,8 @@ def linear_ppo_loss(
     check_per_token(targets, old_logp=old_logp, advantages=advantages, w=w, ref_logp=ref_logp)
     _check_ppo_options(opts, ref_logp)
     dt = compute_dtype(hidden.dtype)
-    old, adv, wf = (flat_constant(x, dt) for x in (old_logp, advantages, w))
+    adv, wf = (flat_constant(x, dt) for x in (advantages, w))
+    old = None if old_logp is None else flat_constant(old_logp, dt)
     ref = None if ref_logp is None else flat_constant(ref_logp, dt)
     if impl == "reference":
         loss, stats = linear_ppo_loss_reference(
@@ -201,12 +203,14 @@ def linear_ppo_loss(
         return loss, stats._replace(logp=stats.logp.reshape(shape))
 
     def epilogue(logp: Tensor, entropy: Tensor):
-        term, g, e, ratio, kl, code = ppo_epilogue(logp, entropy, old, adv, wf, ref, t, opts, impl)
+        # on-policy (old_logp None): old = this forward's logp (no gradient here), so ratio = 1 exactly
+        behaviour = logp if old is None else old
+        term, g, e, ratio, kl, code = ppo_epilogue(logp, entropy, behaviour, adv, wf, ref, t, opts, impl)
         return term.sum(), g, (e if entropy_coef != 0.0 else None), (logp, entropy, ratio, kl, code)
 
     head = HeadOptions(float(temperature), int(ignore_index), impl)
     loss, logp, entropy, ratio, kl, code = LinearHeadLossFunction.apply(
         h, weight, t, bias, head, True, epilogue
     )
-    stats = ppo_stats(logp, entropy, ratio, kl, code, old, wf, t, ignore_index)
+    stats = ppo_stats(logp, entropy, ratio, kl, code, logp if old is None else old, wf, t, ignore_index)
     return loss, stats._replace(logp=logp.reshape(shape))

@@ -148,7 +148,7 @@ def linear_ppo_loss_reference(
     hidden: Tensor,
     weight: Tensor,
     targets: Tensor,
-    old_logp: Tensor,
+    old_logp: Tensor | None,
     advantages: Tensor,
     w: Tensor,
     *,
@@ -169,6 +169,8 @@ def linear_ppo_loss_reference(
     logp, entropy = linear_logprobs_reference(
         hidden, weight, targets, bias=bias, temperature=temperature, ignore_index=ignore_index
     )
+    if old_logp is None:  # on-policy: the behaviour policy is this one, old_logp = logp without gradient
+        old_logp = logp.detach()
     opts = PPOOptions(clip_low, clip_high, dual_clip, kl_coef, entropy_coef, ignore_index)
     valid = targets != ignore_index
     term, ratio, kl, code, _, _ = ppo_terms(logp, entropy, old_logp, advantages, ref_logp, valid, opts)

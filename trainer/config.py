@@ -232,9 +232,9 @@ class TrainConfig:
     batch_size: int = 256
     """B: prompts per iteration after filtering (each with K responses)."""
     micro_batch_tokens: int = 16384
-    """Token budget of one packed micro-batch per rank (prompt + response tokens). With flash-attn (varlen)
-    attention costs sum(L_i^2); with sdpa/eager it is a dense budget^2 mask, so keep it small there (on the demo
-    model on CPU, 4002 tokens fwd+bwd took 0.35 s at 512 and 1.12 s at 4096)."""
+    """Token budget of one packed micro-batch per rank (prompt + response tokens). Attention costs about
+    sum(L_i^2) with every backend (flash-attn varlen; sdpa/eager run as trainer/attention.py's packed backend,
+    no dense budget^2 mask), so a large budget no longer costs quadratic attention."""
     seed: int = 0
     """Seed of everything: model init, data order, sampling."""
 

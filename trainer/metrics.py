@@ -32,7 +32,8 @@ BAR_KEYS = (
 
 
 class Timer:
-    """Accumulates wall time per phase into `time/<phase>_s` (synchronising the GPU at both ends)."""
+    """Accumulates wall time per phase into `time/<phase>_s` (synchronising the GPU at both ends); on CUDA also
+    the phase's peak allocated memory, `mem/<phase>_peak_gib`."""
 
     def __init__(self, device: torch.device) -> None:
         self.device, self.times = device, {}
@@ -47,12 +48,18 @@ class Timer:
         class _Span:
             def __enter__(self):
                 timer._sync()
+                if timer.device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(timer.device)
                 self.t0 = time.perf_counter()
 
             def __exit__(self, *exc):
                 timer._sync()
                 key = f"time/{phase}_s"
                 timer.times[key] = timer.times.get(key, 0.0) + time.perf_counter() - self.t0
+                if timer.device.type == "cuda":  # peak memory of the phase: mem/<phase>_peak_gib
+                    peak = torch.cuda.max_memory_allocated(timer.device) / 2**30
+                    mkey = f"mem/{phase}_peak_gib"
+                    timer.times[mkey] = max(timer.times.get(mkey, 0.0), peak)
 
         return _Span()
 
@@ -84,7 +91,8 @@ def iteration_record(
         if "time/prm_s" in times:
             record["perf/prm_tokens_per_s"] = per_s(batch_tokens, "prm")
         record["perf/policy_tokens_per_s"] = per_s(batch_tokens * policy_epochs, "policy")
-        record["perf/logprob_tokens_per_s"] = per_s(batch_tokens, "logprob_old")
+        if "time/logprob_old_s" in times:  # not when the on-policy update skipped the pass
+            record["perf/logprob_tokens_per_s"] = per_s(batch_tokens, "logprob_old")
     record["perf/rollout_tokens_per_s"] = per_s(record["rollout/tokens"], "rollout")
     record["train/skipped_steps_total"] = skipped_total
     return record

@@ -6,7 +6,8 @@ head inside the FSDP root's forward is what makes the root's parameters (embeddi
 or not) unsharded while the kernel reads them; nothing ever computes the full `.logits`.
 
 FSDP2: `fully_shard` per decoder block, then the root; on GPU bf16 compute over fp32 master weights with fp32
-gradient reduce, on CPU fp32 throughout. With one process it is the same code over a mesh of size 1.
+gradient reduce, on CPU fp32 throughout. A single process without mixed precision (CPU, or GPU with it off) skips
+FSDP: a mesh of one shards nothing, and its hooks, copies and DTensor bookkeeping cost time in every pass.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
+from fastprime.trainer import attention as packed_attention
 from fastprime.trainer.config import Config, SetupError
+from fastprime.trainer.liger import apply_body_kernels
 
 # The fused heads return per-token tensors that are views (a reshape of the kernel output); nothing modifies
 # them in place, which is the case this FSDP2 warning is about.
@@ -67,11 +70,22 @@ class HeadlessLM(nn.Module):
         super().__init__()
         self.lm = lm
 
-    def forward(self, input_ids: Tensor, position_ids: Tensor, head: Callable[..., Any]) -> Any:
-        """input_ids, position_ids [1, N] packed (position_ids restart at 0 per sequence)."""
-        out = self.lm.model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+    def forward(
+        self, input_ids: Tensor, position_ids: Tensor, head: Callable[..., Any], rows: Tensor | None = None
+    ) -> Any:
+        """input_ids, position_ids [1, N] packed (position_ids restart at 0 per sequence); rows [M]: only these
+        hidden rows go into the head (the positions with a target), else all N."""
+        kwargs = {}
+        if (
+            self.lm.config._attn_implementation == packed_attention.NAME
+        ):  # sequence bounds once, not per layer
+            kwargs["packed_lengths"] = packed_attention.sequence_lengths_from_positions(position_ids)
+        out = self.lm.model(input_ids=input_ids, position_ids=position_ids, use_cache=False, **kwargs)
         lm_head = self.lm.lm_head
-        return head(out.last_hidden_state[0], lm_head.weight, getattr(lm_head, "bias", None))
+        hidden = out.last_hidden_state[0]
+        if rows is not None:
+            hidden = hidden.index_select(0, rows)
+        return head(hidden, lm_head.weight, getattr(lm_head, "bias", None))
 
 
 def load_causal_lm(path: str, *, attn_implementation: str = "sdpa") -> nn.Module:
@@ -94,10 +108,17 @@ def shard_model(
 ) -> HeadlessLM:
     """Wrap `lm` in HeadlessLM and apply FSDP2: fully_shard each decoder block, then the root.
 
+    sdpa/eager attention becomes the "fastprime_packed" backend (trainer/attention.py: attention within each
+    packed sequence, no dense mask); flash_attention_2 stays (its varlen path needs no mask either).
     mixed_precision applies on CUDA only (bf16 params in compute, fp32 reduce); on CPU everything stays fp32.
     A frozen model (the reference) gets requires_grad=False and eval mode. offload (CUDA only): the shards, their
     gradients and optimizer states stay in CPU memory, copied to the GPU per forward/backward."""
     lm.config.use_cache = False
+    lm.zero_grad(
+        set_to_none=True
+    )  # a warm start leaves its last gradients; FSDP's new parameters drop them too
+    if lm.config._attn_implementation in ("sdpa", "eager"):  # their packed path builds a dense [N, N] mask
+        lm.config._attn_implementation = packed_attention.register()
     if activation_checkpointing and trainable:
         # transformers 5 renamed gradient_checkpointing_enable (deprecated, removed in v6)
         enable = getattr(lm, "activation_checkpointing_enable", None)
@@ -106,13 +127,19 @@ def shard_model(
         else:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lm.to(device)
+    apply_body_kernels(lm, device.type)  # CUDA + liger-kernel installed only
     if not trainable:
         lm.requires_grad_(False)
     model = HeadlessLM(lm)
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     mp = None
     if mixed_precision and device.type == "cuda":
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if (
+        dist.get_world_size() == 1 and mp is None
+    ):  # nothing to shard or cast: FSDP would only add hooks and copies
+        model.train(trainable)
+        return model
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     kwargs: dict[str, Any] = {"mesh": mesh}
     if mp is not None:
         kwargs["mp_policy"] = mp

@@ -53,6 +53,30 @@ class PackedMicroBatch:
             out[self.rows, self.cols] = values[self.pos].to(out.dtype)
         return out
 
+    # The head's view: only the M response positions have targets, so only their hidden rows go into the fused
+    # head (`HeadlessLM(..., rows=mb.pos)`); per-token head inputs and outputs are then [M], in `pos` order.
+    @property
+    def head_targets(self) -> Tensor:
+        return self.targets[self.pos]
+
+    @property
+    def head_seq_ids(self) -> Tensor:
+        return self.seq_ids[self.pos]
+
+    @property
+    def head_mask(self) -> Tensor:
+        return self.response_mask[self.pos]
+
+    def head_to_padded(self, values: Tensor, out: Tensor) -> Tensor:
+        """Write per-response-token `values` [M] into `out` [n, T] (skipped for a filler)."""
+        if not self.filler:
+            out[self.rows, self.cols] = values.to(out.dtype)
+        return out
+
+    def head_from_padded(self, padded: Tensor) -> Tensor:
+        """[M] per-response-token view of a padded [n, T] tensor."""
+        return padded[self.rows, self.cols]
+
     def from_padded(self, padded: Tensor) -> Tensor:
         """Packed [N] view of a padded [n, T] tensor (zeros at non-response positions)."""
         out = torch.zeros(self.num_tokens, dtype=padded.dtype, device=padded.device)

@@ -87,11 +87,12 @@ def logprob_pass(
             mb.input_ids,
             mb.position_ids,
             lambda h, w, b, mb=mb: linear_logprobs(
-                h, w, mb.targets, bias=b, temperature=temperature, return_entropy=True
+                h, w, mb.head_targets, bias=b, temperature=temperature, return_entropy=True
             ),
+            mb.pos,
         )
-        mb.to_padded(out.logp, logp)
-        mb.to_padded(out.entropy, ent)
+        mb.head_to_padded(out.logp, logp)
+        mb.head_to_padded(out.entropy, ent)
     reshard_after_no_grad(model)
     return all_sum(logp), all_sum(ent)
 
@@ -101,8 +102,10 @@ def reshard_after_no_grad(model: nn.Module) -> None:
     norm, lm_head) unsharded after a forward, expecting the backward to reshard them; with no backward they stay
     unsharded, and the next forward with gradient then gives those parameters wrong gradients (measured: the
     policy update after the log-prob pass moved the embeddings by 0.05 more than an eager fp64 update,
-    tests/trainer/test_policy.py). Resharding restores the state a fresh model starts from."""
-    model.reshard()
+    tests/trainer/test_policy.py). Resharding restores the state a fresh model starts from. A model left
+    unwrapped (one process without mixed precision: models.shard_model) has nothing to reshard."""
+    if hasattr(model, "reshard"):
+        model.reshard()
 
 
 def clip_and_step(
@@ -124,26 +127,38 @@ def clip_and_step(
 class LogProbs:
     """Phase 4's result: [n, T] per-token tensors of the sampled responses, 0 on padding."""
 
-    old: Tensor  # the policy's log-probs before the update (logp_old), recomputed by the trainer
-    entropy: Tensor  # the policy's entropy at each response position
+    old: (
+        Tensor | None
+    )  # the policy's log-probs before the update (logp_old); None when the update is on-policy
+    entropy: Tensor | None  # the policy's entropy at each response position; None with `old`
     ref: Tensor | None  # the frozen reference's log-probs; None when neither the PRM nor a KL term uses them
 
 
 def logprob_phase(
     policy: nn.Module, ref: nn.Module | None, batch: Batch, d: Dist, *, temperature: float, timer,
     ref_parts: int = 1,
+    on_policy: bool = False,
 ) -> tuple[LogProbs, dict[str, float]]:  # fmt: skip
     """prime.md step 4: old and reference log-probs without gradient (the trainer's own, not the engine's).
 
     ref_parts: pack the reference pass in the PRM pass's mini-batches (prm.mini_batches). The packing decides
     the float rounding of a forward; with the same packing a PRM equal to the reference gives q = 0 exactly,
-    where a different packing gives ~5e-7 noise that batch_norm used to blow up into rewards of order 1."""
-    with timer("logprob_old"):
-        old, entropy = logprob_pass(policy, batch, d, temperature=temperature)
+    where a different packing gives ~5e-7 noise that batch_norm used to blow up into rewards of order 1.
+
+    on_policy (one epoch of one mini-batch, `policy.is_on_policy`): the update's only forward runs the weights
+    this pass would, so logp_old = that forward's log-probs, detached; the pass is skipped (TRL skips it too),
+    `old` is None and the metric `logprob/old_pass_skipped` = 1. `policy/entropy_old` then comes from the policy
+    pass (policy_phase)."""
+    old = entropy = None
+    if not on_policy:
+        with timer("logprob_old"):
+            old, entropy = logprob_pass(policy, batch, d, temperature=temperature)
     ref_logp = None
     if ref is not None:
         with timer("logprob_ref"):
             ref_logp, _ = logprob_pass(ref, batch, d, temperature=temperature, parts=ref_parts)
+    if on_policy:
+        return LogProbs(None, None, ref_logp), {"logprob/old_pass_skipped": 1}
     mask = batch.mask.to(d.device)
     return LogProbs(old, entropy, ref_logp), {
         "policy/entropy_old": float((entropy * mask).sum() / mask.sum())

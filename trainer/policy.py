@@ -39,7 +39,7 @@ def policy_pass(
     policy: nn.Module,
     opt: torch.optim.Optimizer,
     batch: Batch,
-    old_logp: Tensor,
+    old_logp: Tensor | None,
     advantages: Tensor,
     d: Dist,
     *,
@@ -58,7 +58,10 @@ def policy_pass(
 ) -> PolicyResult:
     """PPO clipped-surrogate update: `epochs` passes over the batch in `mini_batches` optimizer steps.
 
-    Each epoch splits a fresh permutation of the responses, seeded by (`seed`, epoch), into the mini-batches."""
+    Each epoch splits a fresh permutation of the responses, seeded by (`seed`, epoch), into the mini-batches.
+    old_logp None (on-policy, see `is_on_policy`): each token's logp_old is its own forward's logp, detached."""
+    if old_logp is None and (epochs, mini_batches) != (1, 1):
+        raise ValueError(f"old_logp=None needs epochs=1 and mini_batches=1, got {epochs} and {mini_batches}")
     lengths = [len(r) for r in batch.responses]
     names = ("clip_frac_low", "clip_frac_high", "dual_clip_frac", "approx_kl", "entropy", "ratio", "kl_ref")
     sums = torch.zeros(
@@ -73,18 +76,20 @@ def policy_pass(
                 norm_kw = {"num_seqs": len(seqs)}
             total = torch.zeros((), device=d.device)
             for mb in micro_batches(batch, seqs, d):
-                w = aggregation_weights(mb.response_mask, mb.seq_ids, loss_agg, **norm_kw)
+                w = aggregation_weights(mb.head_mask, mb.head_seq_ids, loss_agg, **norm_kw)
                 w = w * (0.0 if mb.filler else float(d.world))
-                old, adv = mb.from_padded(old_logp), mb.from_padded(advantages)
-                ref = mb.from_padded(ref_logp) if ref_logp is not None else None
+                adv = mb.head_from_padded(advantages)
+                old = mb.head_from_padded(old_logp) if old_logp is not None else None
+                ref = mb.head_from_padded(ref_logp) if ref_logp is not None else None
                 loss, st = policy(
                     mb.input_ids,
                     mb.position_ids,
                     lambda h, wt, b, mb=mb, w=w, old=old, adv=adv, ref=ref: linear_ppo_loss(
-                        h, wt, mb.targets, old, adv, w,
+                        h, wt, mb.head_targets, old, adv, w,
                         clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, temperature=temperature,
                         ref_logp=ref, kl_coef=kl_coef if ref is not None else 0.0, entropy_coef=entropy_coef, bias=b,
                     ),
+                    mb.pos,
                 )  # fmt: skip
                 loss.backward()
                 total += loss.detach()  # loss and stats stay on the device: one host sync per mini-batch
@@ -113,6 +118,11 @@ def policy_pass(
     )
 
 
+def is_on_policy(config: PolicyConfig) -> bool:
+    """One epoch of one mini-batch: the update's single forward is at the rollout weights, logp_old = logp."""
+    return config.epochs == 1 and config.mini_batches == 1
+
+
 def policy_phase(
     policy: nn.Module, opt: torch.optim.Optimizer, batch: Batch, logprobs: LogProbs, advantages: Tensor, d: Dist,
     *, config: PolicyConfig, temperature: float, seed: int = 0,
@@ -131,4 +141,6 @@ def policy_phase(
         "policy/clip_frac": res.stats["clip_frac_low"] + res.stats["clip_frac_high"],
         **{f"policy/{k}": v for k, v in res.stats.items()},
     }
+    if logprobs.old is None:  # the skipped old pass's metric, from the same weights' forward here
+        stats["policy/entropy_old"] = res.stats["entropy"]
     return res, stats

@@ -188,28 +188,29 @@ def prm_pass(
         total, n_seqs = torch.zeros((), device=d.device), len(seqs)
         with torch.set_grad_enabled(update):
             for mb in micro_batches(batch, seqs, d):
-                ref = mb.from_padded(ref_logp)
+                ref = mb.head_from_padded(ref_logp)
                 loss, q_mb = prm(
                     mb.input_ids,
                     mb.position_ids,
                     lambda h, w, b, mb=mb, ref=ref, n_seqs=n_seqs: linear_prm_loss(
                         h,
                         w,
-                        mb.targets,
+                        mb.head_targets,
                         ref,
-                        mb.seq_ids,
+                        mb.head_seq_ids,
                         labels,
                         beta=beta,
                         temperature=temperature,
                         bias=b,
                         num_seqs=n_seqs,
                     ),
+                    mb.pos,
                 )
                 loss = loss * (0.0 if mb.filler else float(d.world))
                 if update:
                     loss.backward()
                 total += loss.detach()  # stays on the device: one host sync per mini-batch, below
-                mb.to_padded(q_mb, q)
+                mb.head_to_padded(q_mb, q)
                 tokens += 0 if mb.filler else mb.num_tokens
         total = float(all_sum(total)) / d.world
         losses.append(total)

@@ -44,7 +44,7 @@ from fastprime.trainer.models import (
     load_tokenizer_and_model,
 )
 from fastprime.trainer.passes import Dist, logprob_phase
-from fastprime.trainer.policy import minibatch_seed, policy_phase
+from fastprime.trainer.policy import is_on_policy, minibatch_seed, policy_phase
 from fastprime.trainer.prm import prm_phase
 from fastprime.trainer.rollout import (
     HFRolloutEngine,
@@ -142,8 +142,9 @@ def train_step(t: Trainer, step: int, timer: Timer) -> dict:
     batch = Batch.from_groups(groups, t.prompts, k=cfg.rollout.n_samples)
     # 4. log-probs without gradient: the trainer's own, not the rollout engine's
     logprobs, logprob_stats = logprob_phase(
-        t.policy, t.ref, batch, d, temperature=T, timer=timer, ref_parts=cfg.prm.mini_batches
-    )
+        t.policy, t.ref, batch, d, temperature=T, timer=timer, ref_parts=cfg.prm.mini_batches,
+        on_policy=is_on_policy(cfg.policy) and t.cfg.rollout.backend == "hf",  # vllm: old log-probs feed the check
+    )  # fmt: skip
     logprob_stats.update(engine_agreement_stats(batch.sample_logprobs, logprobs.old))
     # 5. implicit PRM: update in the configured order, token rewards
     rewards, prm_stats = None, {}

@@ -13,6 +13,10 @@ def test_resolve_impl(monkeypatch):
     monkeypatch.delenv("FASTPRIME_KERNEL_IMPL", raising=False)
     assert resolve_impl("auto", cpu) == "chunked"
     assert resolve_impl("triton", cpu) == "triton"
+    rows = torch.zeros(2048, 128)
+    assert resolve_impl("auto", rows, 32) == "reference", "a tiny head on CPU runs eager"
+    assert resolve_impl("auto", rows, 1024) == "chunked"
+    assert resolve_impl("auto", torch.zeros(1 << 20, 1), 32) == "chunked", "too many logits for eager"
     monkeypatch.setenv("FASTPRIME_KERNEL_IMPL", "reference")
     assert resolve_impl("auto", cpu) == "reference"
     assert resolve_impl("chunked", cpu) == "chunked", "an explicit impl wins over the environment"

@@ -2,9 +2,12 @@
 
 import copy
 
+import pytest
 import torch
 import torch.nn.functional as F
 
+from fastprime.trainer import attention
+from fastprime.trainer.batch import Batch
 from fastprime.trainer.demo import build_tiny_model, build_tokenizer
 from fastprime.trainer.models import shard_model
 from fastprime.trainer.passes import Dist, logprob_pass
@@ -30,3 +33,39 @@ def test_old_logprobs_equal_hf_logits(group_of_one, random_batch):
             )
             torch.testing.assert_close(ent[i, : len(r)].double(), -(lp.exp() * lp).sum(-1), atol=2e-5, rtol=0)
             assert (logp[i, len(r) :] == 0).all()
+
+
+def _many_sequences(vocab: int, n: int = 18) -> Batch:
+    g = torch.Generator().manual_seed(11)
+    rand = lambda lo, hi: torch.randint(
+        6, vocab, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g
+    )
+    prompts = [rand(3, 9).tolist() for _ in range(n)]
+    responses = [rand(2, 12).tolist() for _ in range(n)]
+    return Batch(prompts, responses, torch.zeros(n), torch.zeros(n, dtype=torch.bool), k=2)
+
+
+@pytest.mark.parametrize("strategy", ["per_sequence", "padded"])
+def test_packed_attention_logprobs_equal_each_sequence_alone(group_of_one, monkeypatch, strategy):
+    """The trainer's packed attention (no dense mask), either strategy, equals each sequence run alone by HF sdpa."""
+    monkeypatch.setattr(attention, "choose_strategy", lambda lengths: strategy)
+    tok = build_tokenizer()
+    lm = build_tiny_model(tok, seed=2)
+    batch = _many_sequences(len(tok))
+    d = Dist(
+        rank=0, world=1, device=group_of_one.device, token_budget=4096
+    )  # one micro-batch of 18 sequences
+    model = shard_model(copy.deepcopy(lm), trainable=False, device=d.device)
+    assert model.lm.config._attn_implementation == attention.NAME and lm.config._attn_implementation == "sdpa"
+    logp, _ = logprob_pass(model, batch, d, temperature=1.0)
+    with torch.no_grad():
+        for i, (p, r) in enumerate(zip(batch.prompts, batch.responses)):
+            logits = lm(input_ids=torch.tensor([p + r]), use_cache=False).logits[0, len(p) - 1 : -1].double()
+            want = F.log_softmax(logits, -1).gather(-1, torch.tensor(r)[:, None])[:, 0]
+            torch.testing.assert_close(logp[i, : len(r)].double(), want, atol=2e-5, rtol=0)
+
+
+def test_choose_strategy_by_count_and_waste():
+    assert attention.choose_strategy([100] * 4) == "per_sequence"
+    assert attention.choose_strategy([100] * 40) == "padded"
+    assert attention.choose_strategy([10] * 39 + [400]) == "per_sequence"
