@@ -12,8 +12,8 @@ from fastprime.trainer.config import (
     load_config,
     read_yaml,
     save_config,
-    validate,
 )
+from fastprime.trainer.config_checks import validate
 
 
 def test_defaults_are_the_reference_recipe():
