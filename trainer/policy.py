@@ -64,16 +64,11 @@ def policy_pass(
         raise ValueError(f"old_logp=None needs epochs=1 and mini_batches=1, got {epochs} and {mini_batches}")
     lengths = [len(r) for r in batch.responses]
     names = ("clip_frac_low", "clip_frac_high", "dual_clip_frac", "approx_kl", "entropy", "ratio", "kl_ref")
-    sums = torch.zeros(
-        len(names) + 1, dtype=torch.float64, device=d.device
-    )  # token-weighted sums + token count
+    sums = torch.zeros(len(names) + 1, dtype=torch.float64, device=d.device)  # token-weighted sums, count
     losses, norms, skipped, tokens, steps = [], [], 0, 0, 0
     for epoch in range(epochs):
         for seqs in shuffled_chunks(batch.n, mini_batches, seed=minibatch_seed(seed, 0, epoch)):
-            if loss_agg == "token-mean":
-                norm_kw = {"num_tokens": sum(lengths[i] for i in seqs)}
-            else:
-                norm_kw = {"num_seqs": len(seqs)}
+            norm_kw = _normaliser(loss_agg, lengths, seqs)
             total = torch.zeros((), device=d.device)
             for mb in micro_batches(batch, seqs, d):
                 w = aggregation_weights(mb.head_mask, mb.head_seq_ids, loss_agg, **norm_kw)
@@ -94,11 +89,7 @@ def policy_pass(
                 loss.backward()
                 total += loss.detach()  # loss and stats stay on the device: one host sync per mini-batch
                 if not mb.filler:
-                    n_tok = mb.response_mask.sum().to(torch.float64)
-                    sums += (
-                        torch.stack([getattr(st, k).to(torch.float64) for k in names] + [sums.new_ones(())])
-                        * n_tok
-                    )
+                    sums += _weighted_stats(st, names, mb.response_mask.sum())
                     tokens += mb.num_tokens
             total = float(all_sum(total)) / d.world
             losses.append(total)
@@ -116,6 +107,19 @@ def policy_pass(
         tokens=tokens,
         stats=stats,
     )
+
+
+def _normaliser(loss_agg: str, lengths: list[int], seqs: list[int]) -> dict[str, int]:
+    """The mini-batch's global token or sequence count that `aggregation_weights` divides by."""
+    if loss_agg == "token-mean":
+        return {"num_tokens": sum(lengths[i] for i in seqs)}
+    return {"num_seqs": len(seqs)}
+
+
+def _weighted_stats(st, names: tuple[str, ...], n_tok: Tensor) -> Tensor:
+    """[len(names) + 1] float64: each token-mean statistic times the micro-batch's tokens, then the count."""
+    n_tok = n_tok.to(torch.float64)
+    return torch.stack([getattr(st, k).to(torch.float64) for k in names] + [n_tok.new_ones(())]) * n_tok
 
 
 def is_on_policy(config: PolicyConfig) -> bool:
