@@ -306,3 +306,17 @@ def test_malformed_inputs_are_counted_not_raised():
     assert score_math("\\boxed{2}", 2) == (0.0, "malformed")
     assert score_math("\\boxed{2}", "") == (0.0, "malformed")
     assert score_math("I do not know", "2") == (0.0, "no_answer")
+
+
+INTEGER_PAIRS = [("12", "13"), ("12", "12"), ("007", "7"), ("-0", "0"), ("-5", "5"), ("-5", "-5"), ("0", "00"),
+                 ("123456789012345678901234567890", "123456789012345678901234567891"),
+                 ("123456789012345678901234567890", "123456789012345678901234567890")]  # fmt: skip
+
+
+@pytest.mark.parametrize(("gold", "pred"), INTEGER_PAIRS)
+def test_plain_integers_get_the_parsers_verdict(gold, pred):
+    """Plain integers skip the LaTeX parser (answers_equal compares them as ints); the verdict must be the one
+    the parser gives the same numbers when written so that they reach it (in braces) and int equality."""
+    expected = int(gold) == int(pred)
+    assert answers_equal.__wrapped__(gold, pred) is expected
+    assert answers_equal.__wrapped__(gold, "{" + pred + "}") is expected
