@@ -22,6 +22,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from transformers import GenerationConfig
 
+from fastprime.trainer import attention as packed_attention
+from fastprime.trainer import decode_attention
 from fastprime.trainer.batch import Group
 from fastprime.trainer.config import Config
 from fastprime.trainer.data import Prompt, PromptStream
@@ -69,6 +71,9 @@ class HFRolloutEngine:
     ) -> None:
         self.model = copy.deepcopy(model).to(device).eval()
         self.model.requires_grad_(False)
+        if self.model.config._attn_implementation in ("sdpa", packed_attention.NAME):
+            # the packed backend takes no mask, and sdpa copies the KV cache per step: decode_attention.py
+            self.model.config._attn_implementation = decode_attention.register()
         if not eos_token_ids:
             raise ValueError("the rollout engine needs at least one EOS token id to stop generation")
         self.eos, self.pad = list(eos_token_ids), pad_token_id
