@@ -5,14 +5,19 @@
     python benchmarks/prime_vs_rloo.py --train.iterations 50             # unknown flags go to trainer/main.py
     python benchmarks/prime_vs_rloo.py --report-only                     # only table + plot from finished runs
 
-Each run is `python trainer/main.py <passed flags> <variant flags> --train.seed S` in its own folder
-<out>/<variant>_seed<S>, one after another, with OMP_NUM_THREADS set. A run whose metrics.jsonl reaches the
-configured last iteration (with its final evaluation) is skipped, an unfinished one with a checkpoint resumes
-(`--run.resume auto`), one without is started over: the command can be spread over sessions. The table
-(<results>.md) and plot (<results>.png) use the finished runs only; numbers: prime_vs_rloo_report.py.
+Each seed's warm start runs once (`trainer/main.py --train.iterations 0`, in <out>/warmstart_seed<S>, with no
+wall-time guard) and every variant of that seed starts from its exported weights (`--model.source path`): the
+variants are compared from the same SFT model, and the start does not depend on how busy the machine was (the
+demo's `warmstart.max_seconds` guard would stop a loaded run earlier, at a lower accuracy). Each run is
+`python trainer/main.py <passed flags> <variant flags> --train.seed S` in its own folder <out>/<variant>_seed<S>,
+`--jobs` at a time, with OMP_NUM_THREADS set. A run whose metrics.jsonl reaches the configured last iteration
+(with its final evaluation) is skipped, an unfinished one with a checkpoint resumes (`--run.resume auto`), one
+without is started over: the command can be spread over sessions. The table (<results>.md) and plot
+(<results>.png) use the finished runs only; numbers: prime_vs_rloo_report.py.
 """
 
 import argparse
+import concurrent.futures
 import datetime
 import json
 import os
@@ -49,6 +54,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     p.add_argument("--results", default="benchmarks/results/prime_vs_rloo",
                    help="path stem of the table (.md) and plot (.png)")  # fmt: skip
     p.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of each run")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time (e.g. 2 runs of 1 thread on 2 cores)")
     p.add_argument("--window", type=int, default=10, help="iterations of the trailing mean of the curves")
     p.add_argument("--report-only", action="store_true", help="run nothing, only write table and plot")
     args, trainer_flags = p.parse_known_args(argv)
@@ -77,29 +83,63 @@ def machine() -> str:
     return f"{platform.node()}: {os.cpu_count()} CPU cores ({platform.machine()}), {gpu}, torch {torch.__version__}"
 
 
+def warm_start(out: pathlib.Path, seed: int, trainer_flags: list[str], threads: int) -> list[str]:
+    """The seed's warm-started model (trained once, shared by its variants): the flags that start from it."""
+    run_dir = out / f"warmstart_seed{seed}"
+    if not (run_dir / "hf" / "config.json").exists():
+        flags = [*trainer_flags, "--train.iterations", "0", "--warmstart.max-seconds", "1e9"]
+        _run(run_dir, "fresh", flags, seed, threads)
+    return ["--model.source", "path", "--model.path", str(run_dir / "hf")]
+
+
 def train(run_dir: pathlib.Path, variant: str, seed: int, trainer_flags: list[str], threads: int) -> None:
-    """One run as a subprocess (output streamed), with its machine, times and command in bench_meta.json."""
+    """One variant run from its seed's warm start, unless finished; resumed where a checkpoint exists."""
     state = run_state(run_dir)
     if state == "done":
         print(f"[skip] {run_dir.name}: finished", flush=True)
         return
+    start = warm_start(run_dir.parent, seed, trainer_flags, threads)
+    _run(run_dir, state, [*trainer_flags, *start, *VARIANTS[variant]], seed, threads)
+
+
+def _run(run_dir: pathlib.Path, state: str, flags: list[str], seed: int, threads: int) -> None:
+    """`trainer/main.py flags` as a subprocess (output to run_dir/log.txt), with its machine, times and command
+    in bench_meta.json."""
     if state == "fresh" and run_dir.exists():
         shutil.rmtree(run_dir)  # a start that died before its first checkpoint: nothing to resume from
-    cmd = [sys.executable, "trainer/main.py", *trainer_flags, *VARIANTS[variant], "--train.seed", str(seed),
+    cmd = [sys.executable, "trainer/main.py", *flags, "--train.seed", str(seed),
            "--run.output-dir", str(run_dir.parent), "--run.name", run_dir.name, "--run.no-progress"]  # fmt: skip
     if state == "resume":
         cmd += ["--run.resume", "auto"]
     print(f"[{state}] {run_dir.name}: {' '.join(cmd)}", flush=True)
     started, t0 = datetime.datetime.now(datetime.UTC), time.perf_counter()
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    rc = subprocess.run(cmd, cwd=ROOT, env=env, check=False).returncode
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "log.txt", "a") as log:
+        rc = subprocess.run(
+            cmd, cwd=ROOT, env=env, check=False, stdout=log, stderr=subprocess.STDOUT
+        ).returncode
     meta = {"machine": machine(), "started_utc": started.isoformat(timespec="seconds"),
             "wall_s": round(time.perf_counter() - t0, 1), "returncode": rc, "command": cmd, "resumed": state == "resume"}  # fmt: skip
-    run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / META, "a") as f:  # appended: a resumed run keeps each session's line
         f.write(json.dumps(meta) + "\n")
+    print(f"[{'done' if rc == 0 else f'exit {rc}'}] {run_dir.name} in {meta['wall_s']:.0f} s", flush=True)
     if rc != 0:
-        raise SystemExit(f"{run_dir.name} failed with exit code {rc}; rerun the same command to resume it")
+        raise SystemExit(
+            f"{run_dir.name} failed with exit code {rc} (see its log.txt); rerun the same command to resume it"
+        )
+
+
+def run_all(out: pathlib.Path, args: argparse.Namespace, trainer_flags: list[str]) -> None:
+    """Warm starts first (one per seed), then every (seed, variant) run, `args.jobs` at a time."""
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        list(pool.map(lambda s: warm_start(out, s, trainer_flags, args.threads), args.seeds))
+        runs = [(v, s) for s in args.seeds for v in args.variants]  # seed-major: early seeds finish first
+        futures = [
+            pool.submit(train, out / f"{v}_seed{s}", v, s, trainer_flags, args.threads) for v, s in runs
+        ]
+        for f in concurrent.futures.as_completed(futures):
+            f.result()
 
 
 def finished_runs(
@@ -140,9 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     args, trainer_flags = parse_args(argv)
     out = pathlib.Path(args.out) if pathlib.Path(args.out).is_absolute() else ROOT / args.out
     if not args.report_only:
-        for seed in args.seeds:  # seed-major: a partial campaign still has every variant on the first seeds
-            for variant in args.variants:
-                train(out / f"{variant}_seed{seed}", variant, seed, trainer_flags, args.threads)
+        run_all(out, args, trainer_flags)
     runs, missing, metas = finished_runs(out, args.variants, args.seeds)
     if not runs:
         raise SystemExit(f"no finished run under {out}")
