@@ -26,6 +26,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import threading
 import time
 
 import yaml
@@ -98,7 +99,7 @@ def train(run_dir: pathlib.Path, variant: str, seed: int, trainer_flags: list[st
     if state == "done":
         print(f"[skip] {run_dir.name}: finished", flush=True)
         return
-    start = warm_start(run_dir.parent, seed, trainer_flags, threads)
+    start = warm_start(run_dir.parent, seed, trainer_flags, threads)  # already trained by run_all
     _run(run_dir, state, [*trainer_flags, *start, *VARIANTS[variant]], seed, threads)
 
 
@@ -131,13 +132,21 @@ def _run(run_dir: pathlib.Path, state: str, flags: list[str], seed: int, threads
 
 
 def run_all(out: pathlib.Path, args: argparse.Namespace, trainer_flags: list[str]) -> None:
-    """Warm starts first (one per seed), then every (seed, variant) run, `args.jobs` at a time."""
+    """Every (seed, variant) run, `args.jobs` at a time, seed-major (early seeds finish first); the warm starts
+    are queued first, and a run waits for its seed's (a lock per seed: each is trained once)."""
+    locks = {s: threading.Lock() for s in args.seeds}
+
+    def warm(seed: int) -> None:
+        with locks[seed]:
+            warm_start(out, seed, trainer_flags, args.threads)
+
+    def run(variant: str, seed: int) -> None:
+        warm(seed)
+        train(out / f"{variant}_seed{seed}", variant, seed, trainer_flags, args.threads)
+
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-        list(pool.map(lambda s: warm_start(out, s, trainer_flags, args.threads), args.seeds))
-        runs = [(v, s) for s in args.seeds for v in args.variants]  # seed-major: early seeds finish first
-        futures = [
-            pool.submit(train, out / f"{v}_seed{s}", v, s, trainer_flags, args.threads) for v, s in runs
-        ]
+        futures = [pool.submit(warm, s) for s in args.seeds]
+        futures += [pool.submit(run, v, s) for s in args.seeds for v in args.variants]
         for f in concurrent.futures.as_completed(futures):
             f.result()
 
