@@ -70,18 +70,48 @@ def trl_worker(beta: float, iterations: int, out: str) -> None:
     )  # fmt: skip
     lines: list[dict] = []
 
+    phases: dict[str, float] = {}
+
+    class TimedGRPOTrainer(GRPOTrainer):
+        """GRPOTrainer with its phases timed (TRL's own profiling reports only to wandb/mlflow/trackio):
+        rollout = `_generate`, verify = `_calculate_rewards`, prepare = all of `_generate_and_score_completions`
+        (also the old/reference log-prob passes), train_step = `training_step` (forward + backward, with prepare
+        inside it on the step that generates); the optimizer step is the rest of the iteration."""
+
+        def _timed(self, name, fn, *a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                phases[name] = phases.get(name, 0.0) + time.perf_counter() - t0
+
+        def _generate(self, *a, **k):
+            return self._timed("rollout", super()._generate, *a, **k)
+
+        def _calculate_rewards(self, *a, **k):
+            return self._timed("verify", super()._calculate_rewards, *a, **k)
+
+        def _generate_and_score_completions(self, *a, **k):
+            return self._timed("prepare", super()._generate_and_score_completions, *a, **k)
+
+        def training_step(self, *a, **k):
+            return self._timed("train_step", super().training_step, *a, **k)
+
     class Clock(TrainerCallback):
         def on_step_begin(self, *a, **k):
+            phases.clear()
             self.t0 = time.perf_counter()
 
         def on_step_end(self, *a, **k):
-            lines.append({"iteration_s": time.perf_counter() - self.t0})
+            lines.append(
+                {"iteration_s": time.perf_counter() - self.t0, **{f"phase/{n}": v for n, v in phases.items()}}
+            )
 
         def on_log(self, _args, _state, _control, logs=None, **k):
             if lines and logs:
                 lines[-1].update({k: v for k, v in logs.items() if isinstance(v, (int, float))})
 
-    GRPOTrainer(
+    TimedGRPOTrainer(
         model=model_dir,
         reward_funcs=accuracy,
         args=args,
@@ -132,11 +162,11 @@ def summarize(side: str, runs: list[list[dict]]) -> dict:
     """Median per-iteration time, per-phase times and generated length over all runs, warm-up left out."""
     recs = [r for run in runs for r in run[1:]]
     if side == "trl":
-        phases = sorted({k for r in recs for k in r if k.startswith("profiling/Time taken")})
+        phases = sorted({k for r in recs for k in r if k.startswith("phase/")})
         return {
             "iteration_s": median_of(recs, "iteration_s"),
             "length": median_of(recs, "completions/mean_length"),
-            "phases": {p.split(": ")[-1]: median_of(recs, p) for p in phases},
+            "phases": {p.removeprefix("phase/"): median_of(recs, p) for p in phases},
         }
     for r in recs:  # the run's end-of-run checkpoint (and evaluation) is no part of TRL's timed step
         r["train_s"] = r["time/iteration_s"] - r.get("time/checkpoint_s", 0.0) - r.get("time/eval_s", 0.0)
