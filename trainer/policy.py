@@ -15,7 +15,15 @@ from torch import Tensor, nn
 from fastprime.kernels import aggregation_weights, linear_ppo_loss
 from fastprime.trainer.batch import Batch
 from fastprime.trainer.config import PolicyConfig
-from fastprime.trainer.passes import Dist, LogProbs, all_sum, clip_and_step, micro_batches, shuffled_chunks
+from fastprime.trainer.passes import (
+    Dist,
+    LogProbs,
+    all_sum,
+    clip_and_step,
+    micro_batches,
+    padded,
+    shuffled_chunks,
+)
 
 
 @dataclass
@@ -28,6 +36,9 @@ class PolicyResult:
     stats: dict[
         str, float
     ]  # clip fractions, approx KL, entropy, ratio, KL to reference (token-weighted means)
+    logp: Tensor | None = (
+        None  # on-policy only: [n, T] log-probs of the update's forward = the skipped logp_old
+    )
 
 
 def minibatch_seed(seed: int, step: int, epoch: int = 0) -> int:
@@ -59,13 +70,15 @@ def policy_pass(
     """PPO clipped-surrogate update: `epochs` passes over the batch in `mini_batches` optimizer steps.
 
     Each epoch splits a fresh permutation of the responses, seeded by (`seed`, epoch), into the mini-batches.
-    old_logp None (on-policy, see `is_on_policy`): each token's logp_old is its own forward's logp, detached."""
+    old_logp None (on-policy, see `is_on_policy`): each token's logp_old is its own forward's logp, detached; those
+    log-probs come back as `PolicyResult.logp` (the rollout engine's agreement check uses them)."""
     if old_logp is None and (epochs, mini_batches) != (1, 1):
         raise ValueError(f"old_logp=None needs epochs=1 and mini_batches=1, got {epochs} and {mini_batches}")
     lengths = [len(r) for r in batch.responses]
     names = ("clip_frac_low", "clip_frac_high", "dual_clip_frac", "approx_kl", "entropy", "ratio", "kl_ref")
     sums = torch.zeros(len(names) + 1, dtype=torch.float64, device=d.device)  # token-weighted sums, count
     losses, norms, skipped, tokens, steps = [], [], 0, 0, 0
+    forward_logp = padded(batch, d.device) if old_logp is None else None
     for epoch in range(epochs):
         for seqs in shuffled_chunks(batch.n, mini_batches, seed=minibatch_seed(seed, 0, epoch)):
             norm_kw = _normaliser(loss_agg, lengths, seqs)
@@ -87,6 +100,8 @@ def policy_pass(
                     mb.pos,
                 )  # fmt: skip
                 loss.backward()
+                if forward_logp is not None:
+                    mb.head_to_padded(st.logp.detach(), forward_logp)
                 total += loss.detach()  # loss and stats stay on the device: one host sync per mini-batch
                 if not mb.filler:
                     sums += _weighted_stats(st, names, mb.response_mask.sum())
@@ -106,6 +121,7 @@ def policy_pass(
         steps=steps,
         tokens=tokens,
         stats=stats,
+        logp=all_sum(forward_logp) if forward_logp is not None else None,
     )
 
 

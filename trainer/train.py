@@ -143,9 +143,8 @@ def train_step(t: Trainer, step: int, timer: Timer) -> dict:
     # 4. log-probs without gradient: the trainer's own, not the rollout engine's
     logprobs, logprob_stats = logprob_phase(
         t.policy, t.ref, batch, d, temperature=T, timer=timer, ref_parts=cfg.prm.mini_batches,
-        on_policy=is_on_policy(cfg.policy) and t.cfg.rollout.backend == "hf",  # vllm: old log-probs feed the check
+        on_policy=is_on_policy(cfg.policy),
     )  # fmt: skip
-    logprob_stats.update(engine_agreement_stats(batch.sample_logprobs, logprobs.old))
     # 5. implicit PRM: update in the configured order, token rewards
     rewards, prm_stats = None, {}
     if t.prm is not None:
@@ -173,6 +172,9 @@ def train_step(t: Trainer, step: int, timer: Timer) -> dict:
             seed=minibatch_seed(cfg.train.seed, step),
         )  # fmt: skip
     t.state.skipped_steps += result.skipped
+    # the engine's sampling log-probs vs the trainer's at the same weights (the policy pass's when on-policy)
+    old_logp = logprobs.old if logprobs.old is not None else result.logp
+    policy_stats.update(engine_agreement_stats(batch.sample_logprobs, old_logp))
     # 8. weight sync into the rollout engine
     with timer("sync"):
         sync_policy(t.engine, t.policy)

@@ -187,7 +187,8 @@ def test_policy_pass_uses_the_seeded_order(group_of_one, random_batch):
 
 
 def _on_policy_run(lm, batch, d, adv, *, skip: bool, mini_batches: int = 1, epochs: int = 1):
-    """One update from `lm`: (the policy phase's metrics, weights after, logprob-phase stats, old log-probs)."""
+    """One update from `lm`: (the policy phase's metrics, weights after, logprob-phase stats, old log-probs, the
+    policy pass's own forward log-probs)."""
     from fastprime.trainer.config import PolicyConfig
     from fastprime.trainer.metrics import Timer
     from fastprime.trainer.passes import logprob_phase
@@ -199,8 +200,8 @@ def _on_policy_run(lm, batch, d, adv, *, skip: bool, mini_batches: int = 1, epoc
     lp, lp_stats = logprob_phase(
         model, None, batch, d, temperature=1.0, timer=Timer(d.device), on_policy=skip
     )
-    _, stats = policy_phase(model, opt, batch, lp, adv, d, config=cfg, temperature=1.0)
-    return stats, full_state_dict(model), lp_stats, lp.old
+    res, stats = policy_phase(model, opt, batch, lp, adv, d, config=cfg, temperature=1.0)
+    return stats, full_state_dict(model), lp_stats, lp.old, res.logp
 
 
 def test_on_policy_skip_of_the_old_pass_gives_identical_numbers(group_of_one, random_batch):
@@ -213,9 +214,12 @@ def test_on_policy_skip_of_the_old_pass_gives_identical_numbers(group_of_one, ra
     batch = random_batch(len(tok))
     adv = torch.randn(batch.mask.shape, generator=torch.Generator().manual_seed(5)) * batch.mask
     d = Dist(rank=0, world=1, device=group_of_one.device, token_budget=32)  # several micro-batches
-    full, w_full, st_full, old = _on_policy_run(lm, batch, d, adv, skip=False)
-    fast, w_fast, st_fast, none = _on_policy_run(lm, batch, d, adv, skip=True)
-    assert old is not None and none is None
+    full, w_full, st_full, old, no_logp = _on_policy_run(lm, batch, d, adv, skip=False)
+    fast, w_fast, st_fast, none, forward_logp = _on_policy_run(lm, batch, d, adv, skip=True)
+    assert old is not None and none is None and no_logp is None
+    # what the skipped pass would have given, for the rollout engine's agreement check (vllm)
+    torch.testing.assert_close(forward_logp, old, atol=1e-6, rtol=0)
+    assert bool((forward_logp[batch.mask == 0] == 0).all())
     assert st_fast == {"logprob/old_pass_skipped": 1} and "logprob/old_pass_skipped" not in st_full
     assert full["policy/ratio"] == 1.0 and fast["policy/ratio"] == 1.0
     for key in ("policy/loss", "policy/grad_norm", "policy/entropy", "policy/approx_kl"):

@@ -99,7 +99,9 @@ def test_final_export_loads_and_holds_the_trained_policy(runs):
 
 def test_two_ranks_under_torchrun(tmp_path):
     """One engine per rank (vLLM sees the 2-rank group as data parallel 2, tensor parallel 1), prompts split
-    over ranks, every rank's engine synced: the agreement check covers both ranks' samples."""
+    over ranks, every rank's engine synced: the agreement check covers both ranks' samples. One policy
+    mini-batch: the old pass is skipped and the check compares with the policy pass's own log-probs (summed
+    over ranks; a rank's missing rows would show as a difference of a whole log-prob)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [
         sys.executable,
@@ -118,4 +120,5 @@ def test_two_ranks_under_torchrun(tmp_path):
     assert [r["step"] for r in records] == [0, 1, 2]
     for r in records[1:]:
         assert r["rollout/responses"] == r["batch/responses"] == 12
+        assert r["logprob/old_pass_skipped"] == 1
         assert r["rollout/logprob_diff_max"] < 1e-2, r
