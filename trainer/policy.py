@@ -15,7 +15,16 @@ from torch import Tensor, nn
 from fastprime.kernels import aggregation_weights, linear_ppo_loss
 from fastprime.trainer.batch import Batch
 from fastprime.trainer.config import PolicyConfig
-from fastprime.trainer.passes import Dist, LogProbs, all_sum, clip_and_step, micro_batches, shuffled_chunks
+from fastprime.trainer.flops import TRAIN_FACTOR
+from fastprime.trainer.passes import (
+    Dist,
+    LogProbs,
+    all_sum,
+    clip_and_step,
+    micro_batches,
+    own_flops,
+    shuffled_chunks,
+)
 
 
 @dataclass
@@ -25,6 +34,7 @@ class PolicyResult:
     skipped: int
     steps: int
     tokens: int
+    flops: int  # model FLOPs of the update's forwards and backwards (this rank; flops.py)
     stats: dict[
         str, float
     ]  # clip fractions, approx KL, entropy, ratio, KL to reference (token-weighted means)
@@ -65,11 +75,12 @@ def policy_pass(
     lengths = [len(r) for r in batch.responses]
     names = ("clip_frac_low", "clip_frac_high", "dual_clip_frac", "approx_kl", "entropy", "ratio", "kl_ref")
     sums = torch.zeros(len(names) + 1, dtype=torch.float64, device=d.device)  # token-weighted sums, count
-    losses, norms, skipped, tokens, steps = [], [], 0, 0, 0
+    losses, norms, skipped, tokens, steps, flops = [], [], 0, 0, 0, 0
     for epoch in range(epochs):
         for seqs in shuffled_chunks(batch.n, mini_batches, seed=minibatch_seed(seed, 0, epoch)):
             norm_kw = _normaliser(loss_agg, lengths, seqs)
             total = torch.zeros((), device=d.device)
+            flops += TRAIN_FACTOR * own_flops(policy, batch, seqs, d)
             for mb in micro_batches(batch, seqs, d):
                 w = aggregation_weights(mb.head_mask, mb.head_seq_ids, loss_agg, **norm_kw)
                 w = w * (0.0 if mb.filler else float(d.world))
@@ -105,6 +116,7 @@ def policy_pass(
         skipped=skipped,
         steps=steps,
         tokens=tokens,
+        flops=flops,
         stats=stats,
     )
 
@@ -142,6 +154,7 @@ def policy_phase(
         "policy/loss": res.loss,
         "policy/grad_norm": res.grad_norm,
         "policy/skipped_steps": res.skipped,
+        "perf/policy_flops": res.flops,
         "policy/clip_frac": res.stats["clip_frac_low"] + res.stats["clip_frac_high"],
         **{f"policy/{k}": v for k, v in res.stats.items()},
     }
