@@ -21,6 +21,7 @@ from fastprime.trainer.flops import bf16_peak, forward_flops, sequence_flops
 from fastprime.trainer.metrics import model_flops_rates, read_metrics
 from fastprime.trainer.models import HeadlessLM
 from fastprime.trainer.packing import pack
+from fastprime.trainer.passes import Dist, micro_batches, own_flops
 from fastprime.trainer.rollout import HFRolloutEngine
 
 
@@ -113,6 +114,23 @@ def test_generation_matches_flop_counter():
     R = len(out[0].response_ids)
     assert R > 1, "the test needs a few decode steps"
     assert linear + attention == sequence_flops(lm.config, [len(prompt)], [R]) + _masked(lm, [len(prompt)])
+
+
+def test_per_rank_flops_are_each_ranks_packed_sequences(random_batch):
+    """With two ranks each counts the sequences its own micro-batches pack (fillers excluded); together, one
+    process's count."""
+    lm = build_tiny_model(build_tokenizer(), seed=0)
+    model, batch, seqs = HeadlessLM(lm), random_batch(lm.config.vocab_size), [0, 2, 3, 5]
+    per_rank = []
+    for rank in (0, 1):
+        d = Dist(rank=rank, world=2, device=torch.device("cpu"), token_budget=24)
+        packed = [i for mb in micro_batches(batch, seqs, d) if not mb.filler for i in mb.seqs]
+        lens = [len(batch.prompts[i]) for i in packed], [len(batch.responses[i]) for i in packed]
+        per_rank.append(own_flops(model, batch, seqs, d))
+        assert per_rank[-1] == sequence_flops(lm.config, *lens), rank
+    assert per_rank[0] > 0 and per_rank[1] > 0
+    one = own_flops(model, batch, seqs, Dist(rank=0, world=1, device=torch.device("cpu"), token_budget=24))
+    assert sum(per_rank) == one
 
 
 def test_peak_table():
