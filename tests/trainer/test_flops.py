@@ -171,3 +171,29 @@ def test_cpu_run_logs_model_tflops_and_no_mfu(tmp_path):
     fwd = rec["perf/logprob_old_flops"]
     assert rec["perf/rollout_flops"] == rec["perf/logprob_ref_flops"] == fwd
     assert rec["perf/prm_flops"] == rec["perf/policy_flops"] == 3 * fwd
+
+
+@pytest.mark.gpu
+def test_gpu_run_logs_mfu_where_the_peak_is_known(tmp_path):
+    """On CUDA (not run on the CPU-only development machine): a known GPU gets perf/<phase>_mfu, FLOPs over time
+    and its bf16 peak; an unknown one gets none."""
+    import json
+    import subprocess
+    import sys
+
+    from test_train import REPO, TINY
+
+    (tmp_path / "tiny.yaml").write_text(TINY)
+    cmd = [sys.executable, str(REPO / "trainer" / "main.py"), "--config", str(tmp_path / "tiny.yaml")]
+    cmd += ["--run.output-dir", str(tmp_path), "--run.name", "gpu", "--train.iterations", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rec = [json.loads(ln) for ln in (tmp_path / "gpu" / "metrics.jsonl").read_text().splitlines()][-1]
+    peak = bf16_peak(torch.cuda.get_device_name())
+    assert rec["perf/policy_tflops"] > 0
+    if peak is None:
+        assert not [k for k in rec if k.endswith("_mfu")]
+        return
+    for phase in ("rollout", "logprob_old", "logprob_ref", "prm", "policy"):
+        want = rec[f"perf/{phase}_flops"] / (rec[f"time/{phase}_s"] * peak)
+        assert rec[f"perf/{phase}_mfu"] == pytest.approx(want, rel=1e-9) and 0 < want < 1, phase
