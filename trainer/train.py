@@ -203,9 +203,7 @@ def iteration(t: Trainer, n: int, *, stop: bool) -> dict:
         with timer("checkpoint"):
             save_checkpoint(t.run_dir / "checkpoints", n, t.components(), keep=cfg.run.keep_checkpoints)
     record.update(timer.times)
-    record.update(
-        model_flops_rates(record, peak_flops(t.d.device))
-    )  # perf/<phase>_tflops, _mfu on known GPUs
+    record.update(model_flops_rates(record, peak_flops(t.d.device)))  # perf/<phase>_tflops, _mfu
     record["time/iteration_s"] = time.perf_counter() - t_iter
     t.log.log(record)
     return record
