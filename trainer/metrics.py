@@ -98,6 +98,25 @@ def iteration_record(
     return record
 
 
+def model_flops_rates(record: dict[str, Any], peak: float | None) -> dict[str, float]:
+    """Achieved model TFLOP/s `perf/<phase>_tflops` of each phase whose stats report its model FLOPs,
+    `perf/<phase>_flops` (flops.py), over its time `time/<phase>_s`; and `perf/<phase>_mfu` = FLOPs / (time x
+    peak) where the device's dense bf16 peak is known (flops.peak_flops), else no MFU at all. With several ranks
+    both are rank 0's: its own tokens' FLOPs, its own time, one device's peak."""
+    out = {}
+    for key, flops in record.items():
+        if not (key.startswith("perf/") and key.endswith("_flops")):
+            continue
+        phase = key.removeprefix("perf/").removesuffix("_flops")
+        seconds = record.get(f"time/{phase}_s")
+        if not seconds:  # a phase that did not run (or took no measurable time)
+            continue
+        out[f"perf/{phase}_tflops"] = flops / seconds / 1e12
+        if peak is not None:
+            out[f"perf/{phase}_mfu"] = flops / (seconds * peak)
+    return out
+
+
 def _clean(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
         return None

@@ -23,7 +23,13 @@ from torch.distributed.tensor import DTensor
 
 from fastprime.kernels import linear_logprobs
 from fastprime.trainer.batch import Batch
-from fastprime.trainer.packing import PackedMicroBatch, rank_micro_batches
+from fastprime.trainer.flops import sequence_flops
+from fastprime.trainer.packing import (
+    PackedMicroBatch,
+    rank_micro_batches,
+    sequence_lengths,
+    split_across_ranks,
+)
 
 
 @dataclass
@@ -54,6 +60,14 @@ def micro_batches(batch: Batch, seqs: list[int], d: Dist) -> list[PackedMicroBat
         world_size=d.world,
         device=d.device,
     )
+
+
+def own_flops(model: nn.Module, batch: Batch, seqs: list[int], d: Dist) -> int:
+    """Model FLOPs (flops.py) of one forward of `model` over this rank's share of `seqs`, the share that
+    `micro_batches` packs for it (fillers carry no weight and are not counted): per rank, its own tokens."""
+    own = split_across_ranks(sequence_lengths(batch.prompts, batch.responses), seqs, d.world)[d.rank]
+    prompt_lens, response_lens = [len(batch.prompts[i]) for i in own], [len(batch.responses[i]) for i in own]
+    return sequence_flops(model.lm.config, prompt_lens, response_lens)
 
 
 def padded(batch: Batch, device: torch.device) -> Tensor:
@@ -148,18 +162,17 @@ def logprob_phase(
     on_policy (one epoch of one mini-batch, `policy.is_on_policy`): the update's only forward runs the weights
     this pass would, so logp_old = that forward's log-probs, detached; the pass is skipped (TRL skips it too),
     `old` is None and the metric `logprob/old_pass_skipped` = 1. `policy/entropy_old` then comes from the policy
-    pass (policy_phase)."""
-    old = entropy = None
+    pass (policy_phase). Each pass that runs reports its model FLOPs, `perf/logprob_<old|ref>_flops`."""
+    old = entropy = ref_logp = None
+    stats: dict[str, float] = {"logprob/old_pass_skipped": 1} if on_policy else {}
     if not on_policy:
         with timer("logprob_old"):
             old, entropy = logprob_pass(policy, batch, d, temperature=temperature)
-    ref_logp = None
+        stats["perf/logprob_old_flops"] = own_flops(policy, batch, list(range(batch.n)), d)
+        mask = batch.mask.to(d.device)
+        stats["policy/entropy_old"] = float((entropy * mask).sum() / mask.sum())
     if ref is not None:
         with timer("logprob_ref"):
             ref_logp, _ = logprob_pass(ref, batch, d, temperature=temperature, parts=ref_parts)
-    if on_policy:
-        return LogProbs(None, None, ref_logp), {"logprob/old_pass_skipped": 1}
-    mask = batch.mask.to(d.device)
-    return LogProbs(old, entropy, ref_logp), {
-        "policy/entropy_old": float((entropy * mask).sum() / mask.sum())
-    }
+        stats["perf/logprob_ref_flops"] = sum(own_flops(ref, batch, c, d) for c in chunks(batch.n, ref_parts))
+    return LogProbs(old, entropy, ref_logp), stats

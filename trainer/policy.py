@@ -15,12 +15,14 @@ from torch import Tensor, nn
 from fastprime.kernels import aggregation_weights, linear_ppo_loss
 from fastprime.trainer.batch import Batch
 from fastprime.trainer.config import PolicyConfig
+from fastprime.trainer.flops import TRAIN_FACTOR
 from fastprime.trainer.passes import (
     Dist,
     LogProbs,
     all_sum,
     clip_and_step,
     micro_batches,
+    own_flops,
     padded,
     shuffled_chunks,
 )
@@ -33,6 +35,7 @@ class PolicyResult:
     skipped: int
     steps: int
     tokens: int
+    flops: int  # model FLOPs of the update's forwards and backwards (this rank; flops.py)
     stats: dict[
         str, float
     ]  # clip fractions, approx KL, entropy, ratio, KL to reference (token-weighted means)
@@ -77,12 +80,13 @@ def policy_pass(
     lengths = [len(r) for r in batch.responses]
     names = ("clip_frac_low", "clip_frac_high", "dual_clip_frac", "approx_kl", "entropy", "ratio", "kl_ref")
     sums = torch.zeros(len(names) + 1, dtype=torch.float64, device=d.device)  # token-weighted sums, count
-    losses, norms, skipped, tokens, steps = [], [], 0, 0, 0
+    losses, norms, skipped, tokens, steps, flops = [], [], 0, 0, 0, 0
     forward_logp = padded(batch, d.device) if old_logp is None else None
     for epoch in range(epochs):
         for seqs in shuffled_chunks(batch.n, mini_batches, seed=minibatch_seed(seed, 0, epoch)):
             norm_kw = _normaliser(loss_agg, lengths, seqs)
             total = torch.zeros((), device=d.device)
+            flops += TRAIN_FACTOR * own_flops(policy, batch, seqs, d)
             for mb in micro_batches(batch, seqs, d):
                 w = aggregation_weights(mb.head_mask, mb.head_seq_ids, loss_agg, **norm_kw)
                 w = w * (0.0 if mb.filler else float(d.world))
@@ -120,6 +124,7 @@ def policy_pass(
         skipped=skipped,
         steps=steps,
         tokens=tokens,
+        flops=flops,
         stats=stats,
         logp=all_sum(forward_logp) if forward_logp is not None else None,
     )
@@ -158,6 +163,7 @@ def policy_phase(
         "policy/loss": res.loss,
         "policy/grad_norm": res.grad_norm,
         "policy/skipped_steps": res.skipped,
+        "perf/policy_flops": res.flops,
         "policy/clip_frac": res.stats["clip_frac_low"] + res.stats["clip_frac_high"],
         **{f"policy/{k}": v for k, v in res.stats.items()},
     }

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from fastprime.kernels import linear_prm_loss
 from fastprime.trainer.batch import Batch
 from fastprime.trainer.config import PRMConfig
+from fastprime.trainer.flops import TRAIN_FACTOR
 from fastprime.trainer.masked_ops import (
     check_group_size,
     check_mask,
@@ -33,6 +34,7 @@ from fastprime.trainer.passes import (
     chunks,
     clip_and_step,
     micro_batches,
+    own_flops,
     padded,
     reshard_after_no_grad,
 )
@@ -162,6 +164,7 @@ class PRMResult:
     grad_norm: float
     skipped: int  # optimizer steps skipped for a non-finite loss or gradient norm
     tokens: int  # packed tokens through the model (this rank)
+    flops: int  # model FLOPs of the pass (this rank; flops.py), forward and backward
 
 
 def prm_pass(
@@ -183,9 +186,10 @@ def prm_pass(
     (prm.update='after'); with update=False it is a plain no-grad forward."""
     q = padded(batch, d.device)
     labels = batch.acc.to(d.device, torch.float32)
-    losses, norms, skipped, tokens = [], [], 0, 0
+    losses, norms, skipped, tokens, flops = [], [], 0, 0, 0
     for seqs in chunks(batch.n, mini_batches):
         total, n_seqs = torch.zeros((), device=d.device), len(seqs)
+        flops += (TRAIN_FACTOR if update else 1) * own_flops(prm, batch, seqs, d)
         with torch.set_grad_enabled(update):
             for mb in micro_batches(batch, seqs, d):
                 ref = mb.head_from_padded(ref_logp)
@@ -227,6 +231,7 @@ def prm_pass(
         grad_norm=sum(norms) / len(norms) if norms else nan,
         skipped=skipped,
         tokens=tokens,
+        flops=flops,
     )
 
 
@@ -244,10 +249,11 @@ def prm_phase(
         mini_batches=config.mini_batches, beta=config.beta, temperature=temperature, max_norm=config.grad_clip
     )
     res = prm_pass(prm, opt, batch, ref_logp, d, update=config.update != "none", **kw)
-    stats = {"prm/pairwise_acc": _pairwise_accuracy(res.q, mask, acc, batch.k)}
+    stats = {"prm/pairwise_acc": _pairwise_accuracy(res.q, mask, acc, batch.k), "perf/prm_flops": res.flops}
     q = res.q
     if config.update == "before":  # rewards from a second forward, after the update
-        q = prm_pass(prm, None, batch, ref_logp, d, update=False, **kw).q
+        after = prm_pass(prm, None, batch, ref_logp, d, update=False, **kw)
+        q, stats["perf/prm_flops"] = after.q, res.flops + after.flops
         stats["prm/pairwise_acc_after"] = _pairwise_accuracy(q, mask, acc, batch.k)
     stats["prm/loss"] = res.loss
     if config.update != "none":

@@ -29,6 +29,7 @@ from fastprime.trainer.config import Config
 from fastprime.trainer.data import Prompt, PromptStream
 from fastprime.trainer.diagnostics import outcome_stats
 from fastprime.trainer.filtering import RefillBuffer, group_filter_mask
+from fastprime.trainer.flops import sequence_flops
 from fastprime.trainer.passes import Dist
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,8 @@ class Rollout:
 
 
 class RolloutEngine(Protocol):
+    config: object  # the generating model's HF config (the model FLOPs of generation, flops.py)
+
     def generate(self, prompts: list[list[int]], *, n: int, seed: int) -> list[Rollout]:
         """len(prompts) * n rollouts, grouped by prompt: the n samples of prompt 0 first."""
         ...
@@ -96,6 +99,10 @@ class HFRolloutEngine:
         self._tied = (
             {k for k in self.model.state_dict() if k == "lm_head.weight"} if self._is_tied() else set()
         )
+
+    @property
+    def config(self):
+        return self.model.config
 
     def _is_tied(self) -> bool:
         emb, head = self.model.get_input_embeddings(), self.model.get_output_embeddings()
@@ -260,7 +267,7 @@ def rollout_round(
 
     Returns every rank the same (one group per entry of idx, in idx order: groups are keyed by position, so
     a repeated index gets two groups; verifier failure counts summed over ranks)."""
-    mine = list(range(d.rank, len(idx), d.world))  # positions in idx
+    mine = own_positions(len(idx), d)  # positions in idx
     with timer("rollout"):
         rollouts = engine.generate([prompts[idx[p]].prompt_ids for p in mine], n=k, seed=seed) if mine else []
     with timer("verify"):
@@ -300,6 +307,18 @@ def rollout_round(
     return [by_position[p] for p in range(len(idx))], total_failures
 
 
+def own_positions(n: int, d: Dist) -> list[int]:
+    """The positions among a round's n prompts that this rank samples."""
+    return list(range(d.rank, n, d.world))
+
+
+def _own_generation_flops(config, prompts: list[Prompt], groups: list[Group], d: Dist) -> int:
+    """Model FLOPs of this rank's generation in one round (flops.sequence_flops: per sample, its own tokens)."""
+    own = [groups[p] for p in own_positions(len(groups), d)]
+    prompt_lens = [len(prompts[g.prompt].prompt_ids) for g in own for _ in g.responses]
+    return sequence_flops(config, prompt_lens, [len(r) for g in own for r in g.responses])
+
+
 def _sampling_logprobs(rollouts: list[Rollout]) -> list[list[float]] | None:
     """The engine's per-token sampling log-probs of a group (vllm), or None (hf does not report them)."""
     if not all(hasattr(r, "logprobs") for r in rollouts):
@@ -318,7 +337,7 @@ def collect_batch(
     B, k, f = cfg.train.batch_size, cfg.rollout.n_samples, cfg.filter
     buffered = buffer.take(B)
     from_buffer, buffer_passed, groups = len(buffered), 0, []
-    all_acc, all_trunc, all_len, failures, rounds, seen, passed = [], [], [], {}, 0, 0, 0
+    all_acc, all_trunc, all_len, failures, rounds, seen, passed, flops = [], [], [], {}, 0, 0, 0, 0
     while len(groups) < B and rounds < f.max_rounds:
         rounds += 1
         idx = buffered + stream.take(B - len(buffered), exclude=buffered)
@@ -326,6 +345,7 @@ def collect_batch(
             engine, pool, prompts, idx, k=k, seed=generation_seed(cfg.train.seed, step, rounds, d.rank),
             d=d, timer=timer, tok=tok,
         )  # fmt: skip
+        flops += _own_generation_flops(engine.config, prompts, new, d)
         with timer("filter"):
             acc = torch.tensor([a for g in new for a in g.acc])
             trunc = torch.tensor([t for g in new for t in g.truncated])
@@ -356,6 +376,7 @@ def collect_batch(
         "filter/missing_groups": B - len(groups),
         "rollout/responses": len(all_len),
         "rollout/tokens": sum(all_len),
+        "perf/rollout_flops": flops,
         "verify/failures": sum(failures.values()),
         **{f"verify/failures_{kind}": c for kind, c in failures.items()},
     }

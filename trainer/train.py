@@ -36,7 +36,15 @@ from fastprime.trainer.config import Config, SetupError, config_to_dict, save_co
 from fastprime.trainer.data import Prompt, PromptStream, load_data
 from fastprime.trainer.diagnostics import batch_stats, engine_agreement_stats
 from fastprime.trainer.filtering import RefillBuffer
-from fastprime.trainer.metrics import MetricsLogger, Timer, initial_record, iteration_record, plot_curves
+from fastprime.trainer.flops import peak_flops
+from fastprime.trainer.metrics import (
+    MetricsLogger,
+    Timer,
+    initial_record,
+    iteration_record,
+    model_flops_rates,
+    plot_curves,
+)
 from fastprime.trainer.models import (
     broadcast_weights,
     build_models,
@@ -197,6 +205,7 @@ def iteration(t: Trainer, n: int, *, stop: bool) -> dict:
         with timer("checkpoint"):
             save_checkpoint(t.run_dir / "checkpoints", n, t.components(), keep=cfg.run.keep_checkpoints)
     record.update(timer.times)
+    record.update(model_flops_rates(record, peak_flops(t.d.device)))  # perf/<phase>_tflops, _mfu
     record["time/iteration_s"] = time.perf_counter() - t_iter
     t.log.log(record)
     return record

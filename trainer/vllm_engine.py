@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor, nn
+from transformers import AutoConfig
 
 from fastprime.trainer.rollout import Rollout
 
@@ -166,6 +167,7 @@ class VLLMRolloutEngine:
         self.max_new_tokens, self.dtype = max_new_tokens, getattr(torch, dtype)
         self.sleep_mode, self.sleeping, self._weights_awake = sleep_mode, False, True
         self._expected = checkpoint_names(model_path)
+        self.config = AutoConfig.from_pretrained(model_path, local_files_only=True)  # model FLOPs (flops.py)
         self._tied = TIED_HEAD not in self._expected
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         from vllm import LLM
