@@ -102,7 +102,7 @@ def _hand_advantages(acc: list[float], estimator: str) -> list[float]:
         group = acc[g : g + K]
         mean = sum(group) / K
         std = math.sqrt(sum((a - mean) ** 2 for a in group) / (K - 1))
-        for i, a in enumerate(group):
+        for a in group:
             if estimator == "rloo":
                 out.append(a - (sum(group) - a) / (K - 1))
             else:  # grpo
