@@ -1,10 +1,11 @@
 """A tiny model that scores, for end-to-end tests whose outcome advantages must not all be zero.
 
 The demo Qwen2 and offline tokenizer (trainer/demo/), trained for a few seconds with plain supervised steps to
-answer every prompt with `\\boxed{1}` or `\\boxed{2}` (a fair coin per training example, then EOS). Each prompt's
-ground truth is one of the two, so at temperature 1 a response is right with probability ~1/2 and a group of
-K = 2 is mixed (one right, one wrong) about half the time: nonzero leave-one-out advantages, and a filter with
-lo = hi = 0.5 that passes some groups and not others. Saved like any HF checkpoint (model + tokenizer), so
+answer every prompt with `\\boxed{1}` or `\\boxed{2}` (each with probability ~0.47 at temperature 1, measured;
+the rest is a malformed answer), then EOS. Each prompt's ground truth is one of the two, so a response is right
+about half the time and a group of K responses is mixed with probability ~1 - 2 / 2^K: nonzero leave-one-out
+advantages, and groups that pass the filter. A row whose ground truth is anything else (say "3") is never
+answered right, so its group always fails. Saved like any HF checkpoint (model + tokenizer), so
 `--model.source path --model.path DIR` runs it, with `write_scoring_data`'s JSONL as `--data.train-path`.
 """
 

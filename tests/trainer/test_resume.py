@@ -4,12 +4,13 @@ final weights must equal an uninterrupted run's, and metrics.jsonl must hold eac
 the killed run wrote after the checkpoint are dropped and recomputed).
 
 Two runs: the untrained demo model without the filter, and the scoring model (scoring_model.py) with the filter
-on, where K = 2 responses pass only when one is right and one wrong. There a round passes about half its
-prompts, so a later round can pass more than the batch still needs and the surplus prompts wait in the refill
-buffer: the checkpoint the resume starts from must hold a non-empty buffer, and the next iteration must sample
-from it, so a resume that lost the buffer would sample other prompts and differ."""
+on and data whose groups pass in a known pattern (BUFFER_CONFIG), so that a second rollout round passes more
+groups than the batch still needs and the surplus prompts wait in the refill buffer: the checkpoint the resume
+starts from must hold a non-empty buffer, and the next iteration samples it first, so a resume that lost the
+buffer would sample other prompts and differ."""
 
 import contextlib
+import json
 import os
 import pathlib
 import signal
@@ -20,6 +21,7 @@ import time
 import pytest
 import torch
 from hosts import CPU_ONLY_ENV
+from scoring_model import scoring_rows
 
 from fastprime.trainer.metrics import read_metrics
 
@@ -38,13 +40,16 @@ eval: {{every: 0}}
 train: {{iterations: {ITERATIONS}, batch_size: 4, micro_batch_tokens: 96}}
 run: {{checkpoint_every: 1, keep_checkpoints: 10, progress: false}}
 """
-# The scoring model with the filter on: a K = 2 group passes only when its two scores differ. Learning rates
-# 1e-4: at 1e-3 the policy unlearns the answer format within 3 iterations and then nothing passes.
+# The scoring model with the filter on, prompts in file order (no shuffle): the first two have a ground truth the
+# model never writes, so their groups always fail; every other prompt is answered right about half the time, so
+# its K = 8 group is mixed and passes [0.1, 0.9] with probability ~0.99. Iteration 1's first round thus passes
+# two groups, and the second round's four fresh prompts pass where two are needed: two go into the refill buffer.
+# Learning rates 1e-4: at 1e-3 the policy unlearns the answer format within 3 iterations.
 BUFFER_CONFIG = """
 model: {{source: path, path: {model}}}
-data: {{source: file, train_path: {data}, max_prompt_tokens: 64}}
-rollout: {{n_samples: 2, max_new_tokens: 12, prompts_per_generate: 8}}
-filter: {{enabled: true, lo: 0.5, hi: 0.5, max_rounds: 4}}
+data: {{source: file, train_path: {data}, max_prompt_tokens: 64, shuffle: false}}
+rollout: {{n_samples: 8, max_new_tokens: 12, prompts_per_generate: 8}}
+filter: {{enabled: true, lo: 0.1, hi: 0.9, max_rounds: 4}}
 verifier: {{workers: 1, timeout_s: 5.0}}
 prm: {{lr: 1.0e-4, mini_batches: 2}}
 policy: {{lr: 1.0e-4, mini_batches: 2}}
@@ -175,13 +180,16 @@ def test_kill_9_then_resume_from_an_older_checkpoint_equals_uninterrupted_run(tm
 @pytest.mark.slow
 @pytest.mark.parametrize("nproc", [1, 2], ids=["1-process", "torchrun-2-ranks"])
 def test_kill_9_then_resume_with_a_non_empty_refill_buffer(tmp_path, nproc, scoring_model):
-    """As above with the scoring model and the filter on. The checkpoint the resume starts from (step 1) holds
-    prompts in its refill buffer, read from its trainer_state.pt, and step 2 samples them first
+    """As above with the scoring model and the filter on (BUFFER_CONFIG). The checkpoint the resume starts from
+    (step 1) holds prompts in its refill buffer, read from its trainer_state.pt, and step 2 samples them first
     (`filter/from_buffer`); the resumed run must still equal the uninterrupted one."""
-    model, data = scoring_model
-    full = _kill_resume_and_compare(
-        tmp_path, nproc, BUFFER_CONFIG.format(model=model, data=data, iterations=ITERATIONS)
-    )
+    rows = scoring_rows(64)
+    for row in rows[:2]:
+        row["ground_truth"] = "3"  # never answered: these two groups fail the filter
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = BUFFER_CONFIG.format(model=scoring_model[0], data=data, iterations=ITERATIONS)
+    full = _kill_resume_and_compare(tmp_path, nproc, config)
     state = torch.load(
         tmp_path / "part" / "checkpoints" / "step_00000001" / "trainer_state.pt", weights_only=False
     )
