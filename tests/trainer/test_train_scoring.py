@@ -25,11 +25,11 @@ K = 4
 CONFIG = """
 model: {{source: path, path: {model}}}
 data: {{source: file, train_path: {data}, max_prompt_tokens: 64}}
-rollout: {{n_samples: 4, max_new_tokens: 12, prompts_per_generate: 8, temperature: 0.7}}
+rollout: {{n_samples: 4, max_new_tokens: 12, prompts_per_generate: 8, temperature: {temperature}}}
 filter: {{enabled: false}}
 verifier: {{workers: 1, timeout_s: 5.0}}
 prm: {{lr: 1.0e-3, mini_batches: 1, update: after}}
-policy: {{lr: 1.0e-3, mini_batches: 1, epochs: 1, grad_clip: 1.0e+9}}
+policy: {{lr: 1.0e-3, mini_batches: 1, epochs: 1}}
 algorithm: {{whiten: false}}
 eval: {{every: 0}}
 train: {{iterations: 1, batch_size: 4, micro_batch_tokens: 160}}
@@ -42,7 +42,7 @@ def _recorded_run(tmp_path, scoring_model, name: str, *flags: str) -> dict:
     """One iteration; returns its metrics record and what the log-prob and advantage phases got and gave."""
     model, data = scoring_model
     cfg = tmp_path / f"{name}.yaml"
-    cfg.write_text(CONFIG.format(model=model, data=data))
+    cfg.write_text(CONFIG.format(model=model, data=data, temperature=T))
     seen: dict = {}
 
     def recording(real, key):
@@ -146,7 +146,7 @@ def test_temperature_reaches_the_policy_and_prm_passes(runs, start_fp64):
     and the PRM's log-ratio is exactly 0 (PRM and reference at the same temperature). Each value is also
     checked to differ from its T = 1 counterpart, so a pass that dropped T would fail."""
     run = runs["rloo"]
-    batch, rec, beta = run["batch"], run["record"], 0.05
+    batch, rec, beta = run["batch"], run["record"], 0.05  # prm.beta, the default
     mask = batch.mask
 
     def padded(rows: list[torch.Tensor]) -> torch.Tensor:
@@ -161,9 +161,8 @@ def test_temperature_reaches_the_policy_and_prm_passes(runs, start_fp64):
         entropy = float(sum(e.detach().sum() for e in entropies) / mask.sum())
         entropy_ok = rec["policy/entropy"] == pytest.approx(entropy, rel=1e-5)
         acc = batch.acc.double()
-        seq = torch.stack(
-            [lp.sum() - lp.detach().sum() for lp in logps]
-        )  # 0, with the gradient of sum_t logp
+        # sum_t (logp - ref) at the starting weights: 0 in value, with the gradient of sum_t logp
+        seq = torch.stack([lp.sum() - lp.detach().sum() for lp in logps])
         prm_loss = F.binary_cross_entropy_with_logits(beta * seq, acc)
         prm_ok = rec["prm/grad_norm"] == pytest.approx(_grad_norm(start_fp64, prm_loss), rel=1e-4)
         assert (ref_ok, entropy_ok, prm_ok) == (expect_equal,) * 3, (temperature, ref_ok, entropy_ok, prm_ok)
