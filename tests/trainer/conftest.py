@@ -53,3 +53,13 @@ def _random_batch(vocab: int) -> Batch:
 @pytest.fixture
 def random_batch():
     return _random_batch
+
+
+@pytest.fixture(scope="session")
+def scoring_model(tmp_path_factory):
+    """A tiny HF model folder (model + tokenizer) that answers right about half the time (scoring_model.py),
+    with a 64-prompt JSONL data file for it: (model folder, data file). Built once per session (seconds)."""
+    from scoring_model import build_scoring_model, write_scoring_data
+
+    tmp = tmp_path_factory.mktemp("scoring")
+    return build_scoring_model(tmp / "model"), write_scoring_data(tmp / "train.jsonl", 64)
