@@ -335,5 +335,10 @@ def finish(t: Trainer, record: dict) -> None:
             f"{state.step} iterations ({100 * (last - first):+.1f} points). Curves: {png}",
             flush=True,
         )
+    elif done:
+        print(
+            f"finished all {state.step} iterations (no held-out evaluation at the end). Curves: {png}",
+            flush=True,
+        )
     else:
         print(f"stopped at iteration {state.step} of {cfg.train.iterations}. Curves: {png}", flush=True)

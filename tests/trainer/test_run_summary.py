@@ -30,3 +30,26 @@ def test_summary_names_what_the_first_accuracy_measured(tmp_path, capsys, warm, 
     )
     other = "after the warm start" if not warm else "before RL"
     assert said in line and other not in line, line
+
+
+def test_finished_run_without_evaluation_does_not_say_stopped(tmp_path, capsys):
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(TINY.replace("demo_eval_rows: 4", "demo_eval_rows: 0"))
+    assert (
+        main(
+            [
+                "--config",
+                str(cfg),
+                "--run.output-dir",
+                str(tmp_path),
+                "--run.name",
+                "r",
+                "--warmstart.no-enabled",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert (
+        "finished all 1 iterations (no held-out evaluation at the end)" in out and "stopped at" not in out
+    ), out
