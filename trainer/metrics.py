@@ -228,6 +228,15 @@ def read_metrics(path: str | pathlib.Path) -> list[dict]:
     return [json.loads(ln) for ln in pathlib.Path(path).read_text().splitlines() if ln.strip()]
 
 
+def recent_mean(records: list[dict], key: str, *, last: int) -> float | None:
+    """Mean of `key` over the records of the last `last` steps that have it; None if none has."""
+    if not records:
+        return None
+    first = records[-1]["step"] - last + 1
+    vals = [r[key] for r in records if r.get("step", 0) >= first and isinstance(r.get(key), (int, float))]
+    return sum(vals) / len(vals) if vals else None
+
+
 def plot_curves(metrics_path: str | pathlib.Path, out_path: str | pathlib.Path) -> pathlib.Path:
     """A PNG with one panel per main curve (those of PLOTTED present in the file) against the iteration."""
     import matplotlib

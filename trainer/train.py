@@ -44,6 +44,8 @@ from fastprime.trainer.metrics import (
     iteration_record,
     model_flops_rates,
     plot_curves,
+    read_metrics,
+    recent_mean,
 )
 from fastprime.trainer.models import (
     broadcast_weights,
@@ -342,3 +344,10 @@ def finish(t: Trainer, record: dict) -> None:
         )
     else:
         print(f"stopped at iteration {state.step} of {cfg.train.iterations}. Curves: {png}", flush=True)
+    prm_acc = recent_mean(read_metrics(t.run_dir / "metrics.jsonl"), "prm/pairwise_acc", last=25)
+    if prm_acc is not None:  # whether the PRM's rewards carried information, not only whether accuracy rose
+        print(
+            f"implicit PRM: pairwise accuracy on fresh batches {prm_acc:.2f} over the last 25 iterations "
+            "(0.5 = chance; correct vs wrong responses of the same prompt, before the PRM trained on them)",
+            flush=True,
+        )

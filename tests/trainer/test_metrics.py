@@ -47,3 +47,13 @@ def test_logger_writes_json_lines_with_null_for_non_finite(tmp_path):
         {"step": 1, "prm/loss": None, "eval/acc": 0.5},
         {"step": 2, "prm/loss": 0.25},
     ]
+
+
+def test_recent_mean_covers_the_last_steps_that_logged_the_key():
+    from fastprime.trainer.metrics import recent_mean
+
+    recs = [{"step": 0}] + [{"step": s, "k": float(s)} for s in range(1, 31)] + [{"step": 31}]
+    assert recent_mean(recs, "k", last=5) == pytest.approx(
+        (27 + 28 + 29 + 30) / 4
+    )  # steps 27..31; 31 lacks k
+    assert recent_mean(recs, "absent", last=5) is None and recent_mean([], "k", last=5) is None

@@ -167,3 +167,22 @@ def test_temperature_reaches_the_policy_and_prm_passes(runs, start_fp64):
         prm_ok = rec["prm/grad_norm"] == pytest.approx(_grad_norm(start_fp64, prm_loss), rel=1e-4)
         assert (ref_ok, entropy_ok, prm_ok) == (expect_equal,) * 3, (temperature, ref_ok, entropy_ok, prm_ok)
     assert torch.equal(run["rewards"], torch.zeros_like(run["rewards"]))
+
+
+def test_end_of_run_reports_the_prm_pairwise_accuracy(tmp_path, scoring_model, capsys):
+    """The last lines say whether the PRM's rewards carried information: the mean of the logged
+    prm/pairwise_acc (mixed groups exist with this model, so it is logged)."""
+    model, data = scoring_model
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(
+        CONFIG.format(model=model, data=data, temperature=1.0).replace("iterations: 1", "iterations: 2")
+    )
+    assert main(["--config", str(cfg), "--run.output-dir", str(tmp_path), "--run.name", "r"]) == 0
+    logged = [
+        r["prm/pairwise_acc"]
+        for r in read_metrics(tmp_path / "r" / "metrics.jsonl")
+        if "prm/pairwise_acc" in r
+    ]
+    assert logged, "the scoring model should give mixed groups"
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("implicit PRM:"))
+    assert f"fresh batches {sum(logged) / len(logged):.2f} over the last 25 iterations" in line, line
