@@ -76,7 +76,7 @@ class HFRolloutEngine:
         self.model.requires_grad_(False)
         if self.model.config._attn_implementation in ("sdpa", packed_attention.NAME):
             # the packed backend takes no mask, and sdpa copies the KV cache per step: decode_attention.py
-            self.model.config._attn_implementation = decode_attention.register()
+            self.model.set_attn_implementation(decode_attention.register())  # sub-configs too
         if not eos_token_ids:
             raise ValueError("the rollout engine needs at least one EOS token id to stop generation")
         self.eos, self.pad = list(eos_token_ids), pad_token_id
