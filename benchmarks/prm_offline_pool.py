@@ -66,6 +66,20 @@ def sample(model, tok, rows: list[dict], *, k: int, seed: int, chunk: int = 64) 
     return out
 
 
+def label(pool, tok, items: list[dict]):
+    """Score each sampled item with the demo's verifier, in place (`acc`); returns the VerifyResult."""
+    res = pool.score(
+        [
+            {"ability": "math", "response": tok.decode(it["response_ids"], skip_special_tokens=True),
+             "ground_truth": it["answer"]}
+            for it in items
+        ]
+    )  # fmt: skip
+    for it, score in zip(items, res.scores):
+        it["acc"] = float(score)
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="runs/prm_offline")
@@ -109,18 +123,7 @@ def main() -> None:
                 g["split"] = split
             items += got
             print(f"sampled {len(got)} {split} responses, {time.perf_counter() - t0:.0f} s", flush=True)
-        res = pool.score(
-            [
-                {
-                    "ability": "math",
-                    "response": tok.decode(it["response_ids"], skip_special_tokens=True),
-                    "ground_truth": it["answer"],
-                }
-                for it in items
-            ]
-        )
-        for it, s in zip(items, res.scores):
-            it["acc"] = float(s)
+        res = label(pool, tok, items)
         print(
             f"verified in {time.perf_counter() - t0:.0f} s total; failures {dict(res.failures)}", flush=True
         )

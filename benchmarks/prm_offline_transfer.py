@@ -22,10 +22,10 @@ from fastprime.trainer.verifiers import VerifierPool
 
 try:
     from prm_offline import evaluate, groups_of, per_token, ranking
-    from prm_offline_pool import sample
+    from prm_offline_pool import label, sample
 except ImportError:
     from benchmarks.prm_offline import evaluate, groups_of, per_token, ranking
-    from benchmarks.prm_offline_pool import sample
+    from benchmarks.prm_offline_pool import label, sample
 
 
 def main() -> None:
@@ -44,15 +44,9 @@ def main() -> None:
     rows = make_arithmetic_rows(args.eval_prompts, seed=1, split="test")
     items = sample(policy, tok, rows, k=args.k, seed=2)
     with VerifierPool(workers=1) as pool:
-        res = pool.score(
-            [
-                {"ability": "math", "response": tok.decode(it["response_ids"], skip_special_tokens=True),
-                 "ground_truth": it["answer"]}
-                for it in items
-            ]
-        )  # fmt: skip
-    for it, s in zip(items, res.scores):
-        it["acc"], it["split"] = float(s), "heldout"
+        label(pool, tok, items)
+    for it in items:
+        it["split"] = "heldout"
     held = [it for g in groups_of(items, args.k, "heldout", mixed_only=True) for it in g]
     acc = torch.tensor([it["acc"] for it in held])
     ref = build_tiny_model(tok, seed=0)

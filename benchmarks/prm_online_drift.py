@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from prm_offline import groups_of, per_token, ranking  # noqa: E402
-from prm_offline_pool import sample  # noqa: E402
+from prm_offline_pool import label, sample  # noqa: E402
 
 from fastprime.trainer.demo import build_tiny_model, build_tokenizer, make_arithmetic_rows
 from fastprime.trainer.verifiers import VerifierPool
@@ -31,18 +31,9 @@ policy = AutoModelForCausalLM.from_pretrained(
 rows = make_arithmetic_rows(int(sys.argv[2]), seed=1, split="test")
 items = sample(policy, tok, rows, k=4, seed=2)
 with VerifierPool(workers=1) as pool:
-    res = pool.score(
-        [
-            {
-                "ability": "math",
-                "response": tok.decode(it["response_ids"], skip_special_tokens=True),
-                "ground_truth": it["answer"],
-            }
-            for it in items
-        ]
-    )
-for it, s in zip(items, res.scores):
-    it["acc"], it["split"] = float(s), "heldout"
+    label(pool, tok, items)
+for it in items:
+    it["split"] = "heldout"
 held = [it for g in groups_of(items, 4, "heldout", mixed_only=True) for it in g]
 acc = torch.tensor([it["acc"] for it in held])
 
