@@ -36,8 +36,8 @@ class Batch:
     acc: Tensor
     truncated: Tensor
     k: int
-    # [n] the engine's sampling log-prob of each response token, None for responses without them (hf engine,
-    # refill-buffer groups); only the engine/trainer agreement check reads them
+    # [n] the engine's sampling log-probs of each response's tokens; None where no response has them (the hf
+    # engine reports none); only the engine/trainer agreement check reads them
     sample_logprobs: list[list[float] | None] | None = None
 
     @classmethod
@@ -49,7 +49,9 @@ class Batch:
             acc=torch.tensor([a for g in groups for a in g.acc], dtype=torch.float32),
             truncated=torch.tensor([t for g in groups for t in g.truncated]),
             k=k,
-            sample_logprobs=[lp for g in groups for lp in (g.logprobs or [None] * k)],
+            sample_logprobs=[lp for g in groups for lp in (g.logprobs or [None] * k)]
+            if any(g.logprobs for g in groups)
+            else None,
         )
 
     @property

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 from torch import Tensor
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 NAME = "fastprime_decode"
 
@@ -25,8 +26,6 @@ def grouped_query_attention(
     dropout: float = 0.0, scaling: float | None = None, **kwargs,
 ) -> tuple[Tensor, None]:  # fmt: skip
     """transformers attention-interface signature: query [B, H, q, d], key/value [B, Hkv, L, d] -> [B, q, H, d]."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     batch, heads, q_len, dim = query.shape
     groups = heads // key.shape[1]
     plain = (

@@ -73,15 +73,18 @@ def policy_pass(
     """PPO clipped-surrogate update: `epochs` passes over the batch in `mini_batches` optimizer steps.
 
     Each epoch splits a fresh permutation of the responses, seeded by (`seed`, epoch), into the mini-batches.
-    old_logp None (on-policy, see `is_on_policy`): each token's logp_old is its own forward's logp, detached; those
-    log-probs come back as `PolicyResult.logp` (the rollout engine's agreement check uses them)."""
+    old_logp None (on-policy, see `is_on_policy`): each token's logp_old is its own forward's logp, detached; where
+    the engine reported sampling log-probs (vllm), those log-probs come back as `PolicyResult.logp` for the
+    agreement check."""
     if old_logp is None and (epochs, mini_batches) != (1, 1):
         raise ValueError(f"old_logp=None needs epochs=1 and mini_batches=1, got {epochs} and {mini_batches}")
     lengths = [len(r) for r in batch.responses]
     names = ("clip_frac_low", "clip_frac_high", "dual_clip_frac", "approx_kl", "entropy", "ratio", "kl_ref")
     sums = torch.zeros(len(names) + 1, dtype=torch.float64, device=d.device)  # token-weighted sums, count
     losses, norms, skipped, tokens, steps, flops = [], [], 0, 0, 0, 0
-    forward_logp = padded(batch, d.device) if old_logp is None else None
+    # on-policy, the forward's log-probs stand in for the skipped old pass in the engine-agreement check
+    keep_logp = old_logp is None and batch.sample_logprobs is not None
+    forward_logp = padded(batch, d.device) if keep_logp else None
     for epoch in range(epochs):
         for seqs in shuffled_chunks(batch.n, mini_batches, seed=minibatch_seed(seed, 0, epoch)):
             norm_kw = _normaliser(loss_agg, lengths, seqs)

@@ -214,6 +214,10 @@ def test_on_policy_skip_of_the_old_pass_gives_identical_numbers(group_of_one, ra
     batch = random_batch(len(tok))
     adv = torch.randn(batch.mask.shape, generator=torch.Generator().manual_seed(5)) * batch.mask
     d = Dist(rank=0, world=1, device=group_of_one.device, token_budget=32)  # several micro-batches
+    assert (
+        _on_policy_run(lm, batch, d, adv, skip=True)[4] is None
+    )  # no engine log-probs: nothing to compare with
+    batch.sample_logprobs = [[0.0] * len(r) for r in batch.responses]  # as the vllm engine reports them
     full, w_full, st_full, old, no_logp = _on_policy_run(lm, batch, d, adv, skip=False)
     fast, w_fast, st_fast, none, forward_logp = _on_policy_run(lm, batch, d, adv, skip=True)
     assert old is not None and none is None and no_logp is None

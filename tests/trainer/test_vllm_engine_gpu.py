@@ -6,22 +6,14 @@ import torch.distributed as dist
 
 pytest.importorskip("vllm", reason="the vllm extra is not installed (see README)")
 
-from fastprime.trainer.demo import build_tiny_model, build_tokenizer  # noqa: E402
+from test_vllm_engine import sharp  # noqa: E402  (a random model whose greedy responses vary by prompt)
+
+from fastprime.trainer.demo import build_tokenizer  # noqa: E402
 from fastprime.trainer.models import init_distributed  # noqa: E402
 from fastprime.trainer.vllm_engine import VLLMRolloutEngine  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 MAX_NEW = 12
-
-
-def sharp(tok, seed: int):
-    """A random model with every weight matrix x3, so greedy responses vary by prompt (see the CPU tests)."""
-    lm = build_tiny_model(tok, seed=seed)
-    with torch.no_grad():
-        for p in lm.parameters():
-            if p.dim() == 2:
-                p.mul_(3.0)
-    return lm.eval()
 
 
 @pytest.fixture(scope="module")
