@@ -36,12 +36,10 @@ class PolicyResult:
     steps: int
     tokens: int
     flops: int  # model FLOPs of the update's forwards and backwards (this rank; flops.py)
-    stats: dict[
-        str, float
-    ]  # clip fractions, approx KL, entropy, ratio, KL to reference (token-weighted means)
-    logp: Tensor | None = (
-        None  # on-policy only: [n, T] log-probs of the update's forward = the skipped logp_old
-    )
+    # clip fractions, approx KL, entropy, ratio, KL to reference (token-weighted means)
+    stats: dict[str, float]
+    # on-policy with engine log-probs (vllm): [n, T] log-probs of the update's forward = the skipped logp_old
+    logp: Tensor | None = None
 
 
 def minibatch_seed(seed: int, step: int, epoch: int = 0) -> int:
