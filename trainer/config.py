@@ -128,6 +128,11 @@ class PRMConfig:
     """Process reward on every token ('token') or the whole sum on the last token ('whole')."""
     norm: Literal["batch_norm", "none"] = "batch_norm"
     """Divide process rewards by the largest |return-to-go| in the batch ('batch_norm') or not."""
+    warmup_iterations: int = 0
+    """The first iterations train only the PRM on the starting policy's labelled samples (rollout, verify,
+    filter, reference, PRM update; no policy update), before train.iterations RL iterations; eval.every counts
+    from their end. Not in PRIME's recipe, where the PRM starts as the SFT model: see
+    benchmarks/results/prime_vs_rloo.md."""
 
 
 @dataclass
@@ -227,7 +232,7 @@ class EvalConfig:
 @dataclass
 class TrainConfig:
     iterations: int = 592
-    """RL iterations."""
+    """RL iterations (policy updates), after prm.warmup_iterations."""
     batch_size: int = 256
     """B: prompts per iteration after filtering (each with K responses)."""
     micro_batch_tokens: int = 16384

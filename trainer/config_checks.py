@@ -80,6 +80,12 @@ def validate(cfg: Config) -> Config:
         need(opt.grad_clip > 0, f"{name}.grad_clip={opt.grad_clip} must be > 0")
         need(opt.mini_batches >= 1, f"{name}.mini_batches={opt.mini_batches} must be >= 1")
     need(cfg.prm.beta > 0, f"prm.beta={cfg.prm.beta} must be > 0")
+    w = cfg.prm.warmup_iterations
+    need(w >= 0, f"prm.warmup_iterations={w} must be >= 0")
+    need(
+        w == 0 or (cfg.algorithm.process_coef > 0 and cfg.prm.update != "none"),
+        f"prm.warmup_iterations={w} needs a PRM that trains (algorithm.process_coef > 0, prm.update != none)",
+    )
     need(cfg.policy.epochs >= 1, f"policy.epochs={cfg.policy.epochs} must be >= 1")
     need(cfg.policy.clip_low >= 0 and cfg.policy.clip_high >= 0, "policy.clip_low/clip_high must be >= 0")
     need(

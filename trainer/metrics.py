@@ -90,7 +90,8 @@ def iteration_record(
     if batch_tokens is not None:
         if "time/prm_s" in times:
             record["perf/prm_tokens_per_s"] = per_s(batch_tokens, "prm")
-        record["perf/policy_tokens_per_s"] = per_s(batch_tokens * policy_epochs, "policy")
+        if "time/policy_s" in times:  # not in a PRM warm-up iteration
+            record["perf/policy_tokens_per_s"] = per_s(batch_tokens * policy_epochs, "policy")
         if "time/logprob_old_s" in times:  # not when the on-policy update skipped the pass
             record["perf/logprob_tokens_per_s"] = per_s(batch_tokens, "logprob_old")
     record["perf/rollout_tokens_per_s"] = per_s(record["rollout/tokens"], "rollout")

@@ -123,14 +123,20 @@ def train(cfg: Config, d: Dist) -> dict:
     with VerifierPool(workers=cfg.verifier.workers, timeout_s=cfg.verifier.timeout_s) as pool:
         t = setup(cfg, d, pool)
         record: dict = {}
-        for ran, step in enumerate(range(t.state.step + 1, cfg.train.iterations + 1), start=1):
-            stop = step == cfg.train.iterations or bool(cfg.run.stop_after and ran >= cfg.run.stop_after)
+        last = total_iterations(cfg)
+        for ran, step in enumerate(range(t.state.step + 1, last + 1), start=1):
+            stop = step == last or bool(cfg.run.stop_after and ran >= cfg.run.stop_after)
             record = iteration(t, step, stop=stop)
             if stop:
                 break
         finish(t, record)
         close_engine(t.engine)
     return record
+
+
+def total_iterations(cfg: Config) -> int:
+    """Steps of the run: the PRM warm-up's, then the RL iterations."""
+    return cfg.prm.warmup_iterations + cfg.train.iterations
 
 
 def train_step(t: Trainer, step: int, timer: Timer) -> dict:
@@ -150,10 +156,11 @@ def train_step(t: Trainer, step: int, timer: Timer) -> dict:
         )
     engine_sleep(t.engine)  # GPU sleep mode: the trainer's phases get the engine's memory until the sync
     batch = Batch.from_groups(groups, t.prompts, k=cfg.rollout.n_samples)
+    prm_warmup = step <= cfg.prm.warmup_iterations  # only the PRM trains; no update needs old log-probs
     # 4. log-probs without gradient: the trainer's own, not the rollout engine's
     logprobs, logprob_stats = logprob_phase(
         t.policy, t.ref, batch, d, temperature=T, timer=timer, ref_parts=cfg.prm.mini_batches,
-        on_policy=is_on_policy(cfg.policy),
+        on_policy=is_on_policy(cfg.policy) or prm_warmup,
     )  # fmt: skip
     # 5. implicit PRM: update in the configured order, token rewards
     rewards, prm_stats = None, {}
@@ -172,6 +179,13 @@ def train_step(t: Trainer, step: int, timer: Timer) -> dict:
             return iteration_record(
                 step, stats, timer.times, batch_tokens=None, policy_epochs=0, skipped_total=t.state.skipped_steps
             )  # fmt: skip
+    if prm_warmup:
+        sync_policy(t.engine, t.policy)  # unchanged weights; wakes a sleeping engine for the next rollout
+        stats = [rollout_stats, batch_stats(batch), logprob_stats, prm_stats, {"prm/warmup": 1}]
+        return iteration_record(
+            step, stats, timer.times, batch_tokens=batch.num_tokens, policy_epochs=0,
+            skipped_total=t.state.skipped_steps,
+        )  # fmt: skip
     # 6. advantages
     with timer("advantages"):
         adv, adv_stats = advantage_phase(batch, rewards, d.device, config=cfg.algorithm)
@@ -200,7 +214,8 @@ def iteration(t: Trainer, n: int, *, stop: bool) -> dict:
     cfg, t_iter, timer = t.cfg, time.perf_counter(), Timer(t.d.device)
     record = train_step(t, n, timer)
     t.state.step = n
-    if n == cfg.train.iterations or (cfg.eval.every and n % cfg.eval.every == 0):
+    rl_step = n - cfg.prm.warmup_iterations  # policy updates so far
+    if n == total_iterations(cfg) or (cfg.eval.every and rl_step > 0 and rl_step % cfg.eval.every == 0):
         with timer("eval"):
             record["eval/acc"] = evaluate(t)
     if stop or (cfg.run.checkpoint_every and n % cfg.run.checkpoint_every == 0):
@@ -307,7 +322,7 @@ def _open_log(t: Trainer, *, resumed: bool) -> MetricsLogger:
     cfg = t.cfg
     try:
         return MetricsLogger(
-            t.run_dir, enabled=t.d.rank == 0, total=cfg.train.iterations, initial=t.state.step,
+            t.run_dir, enabled=t.d.rank == 0, total=total_iterations(cfg), initial=t.state.step,
             progress=cfg.run.progress, tensorboard=cfg.run.tensorboard, wandb=cfg.run.wandb,
             wandb_project=cfg.run.wandb_project, config=config_to_dict(cfg),
             truncate_after=t.state.step if resumed else -1,
@@ -319,7 +334,7 @@ def _open_log(t: Trainer, *, resumed: bool) -> MetricsLogger:
 def finish(t: Trainer, record: dict) -> None:
     """End of the run: HF export of the final policy, the plot, a one-line summary."""
     cfg, state = t.cfg, t.state
-    done = state.step >= cfg.train.iterations
+    done = state.step >= total_iterations(cfg)
     if done and cfg.run.export_hf:
         weights = full_state_dict(t.policy)  # a collective; the engine may hold no HF model (vllm)
         if t.d.rank == 0:
@@ -332,9 +347,11 @@ def finish(t: Trainer, record: dict) -> None:
     first, last = state.initial_eval, record.get("eval/acc")  # last: only if evaluated in the last iteration
     if done and first is not None and last is not None:
         when = "after the warm start" if state.warmstart is not None else "before RL"
+        warmup = cfg.prm.warmup_iterations
+        after_warmup = f" (after {warmup} PRM warm-up iterations)" if warmup else ""
         print(
             f"held-out greedy accuracy: {first:.1%} {when} -> {last:.1%} after "
-            f"{state.step} iterations ({100 * (last - first):+.1f} points). Curves: {png}",
+            f"{cfg.train.iterations} iterations{after_warmup} ({100 * (last - first):+.1f} points). Curves: {png}",
             flush=True,
         )
     elif done:
@@ -343,7 +360,7 @@ def finish(t: Trainer, record: dict) -> None:
             flush=True,
         )
     else:
-        print(f"stopped at iteration {state.step} of {cfg.train.iterations}. Curves: {png}", flush=True)
+        print(f"stopped at iteration {state.step} of {total_iterations(cfg)}. Curves: {png}", flush=True)
     prm_acc = recent_mean(read_metrics(t.run_dir / "metrics.jsonl"), "prm/pairwise_acc", last=25)
     if prm_acc is not None:  # whether the PRM's rewards carried information, not only whether accuracy rose
         print(
