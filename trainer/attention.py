@@ -57,20 +57,13 @@ def packed_causal_attention(
         strategy = choose_strategy(lengths)
     gqa = query.shape[1] != key.shape[1]
     if strategy == "per_sequence" or len(lengths) == 1:
-        outs, start = [], 0
-        for n in lengths:
-            sl = slice(start, start + n)
-            outs.append(
-                F.scaled_dot_product_attention(
-                    query[:, :, sl],
-                    key[:, :, sl],
-                    value[:, :, sl],
-                    is_causal=True,
-                    scale=scale,
-                    enable_gqa=gqa,
-                )
-            )
-            start += n
+        # split, not one slice per sequence: each slice's backward zero-fills a gradient as large as the whole
+        # micro-batch (S sequences: S full-size fills and adds per tensor and layer); split's is one cat
+        parts = zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2))
+        outs = [
+            F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+            for q, k, v in parts
+        ]
         return torch.cat(outs, dim=2)
     if strategy != "padded":
         raise ValueError(f"attention strategy {strategy!r} is not one of {STRATEGIES + ('auto',)}")
