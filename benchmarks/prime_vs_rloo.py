@@ -40,6 +40,8 @@ VARIANTS = {
     "prime": ["--prm.update", "after"],
     "prime-before": ["--prm.update", "before"],
     "prime-none": ["--prm.update", "none"],
+    # 30 iterations that train only the PRM on the warm-started policy's samples, then the same 100 RL iterations
+    "prime-warmup": ["--prm.update", "after", "--prm.warmup-iterations", "30"],
     "rloo": ["--algorithm.process-coef", "0"],
 }
 META = "bench_meta.json"
