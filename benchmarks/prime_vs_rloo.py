@@ -181,7 +181,8 @@ def header(trainer_flags: list[str], seeds: list[int], missing: list[str], metas
              f"- Machine: {'; '.join(machines)}", f"- Runs: {when}, {wall / 60:.0f} min of training wall time in all",
              f"- Trainer flags passed: `{flags}`; seeds {seeds}",
              "- Variants: prime = PRM update after (the default), prime-before / prime-none = `--prm.update`, "
-             "rloo = `--algorithm.process-coef 0` (PRM off)"]  # fmt: skip
+             "prime-warmup = 30 PRM-only iterations first (`--prm.warmup-iterations 30`, compared at equal RL "
+             "iterations), rloo = `--algorithm.process-coef 0` (PRM off)"]  # fmt: skip
     if missing:
         lines.append(f"- Not finished, left out: {', '.join(missing)}")
     return "\n".join(lines)
