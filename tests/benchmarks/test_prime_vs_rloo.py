@@ -133,3 +133,15 @@ def test_report_only_end_to_end(tmp_path):
     md = (tmp_path / "res.md").read_text()
     assert "2.00x" in md and "Not finished, left out: prime-none_seed0, prime-none_seed1" in md
     assert (tmp_path / "res.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_prm_warmup_iterations_are_left_out_and_rl_iterations_renumbered(tmp_path):
+    """A run with 2 PRM warm-up iterations compares at equal policy updates: its step 3 is RL iteration 1."""
+    lines = [{"step": 0, "eval/acc": 0.2}, {"step": 1, "prm/warmup": 1, "outcome/acc_mean": 0.9},
+             {"step": 2, "prm/warmup": 1, "outcome/acc_mean": 0.9}, {"step": 3, "outcome/acc_mean": 0.1},
+             {"step": 4, "outcome/acc_mean": 0.2, "eval/acc": 0.3}]  # fmt: skip
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    got = rep.read_records(path)
+    assert [(r["step"], r.get("outcome/acc_mean")) for r in got] == [(0, None), (1, 0.1), (2, 0.2)]
+    assert rep.series(got, "eval/acc") == {0: 0.2, 2: 0.3}
