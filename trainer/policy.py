@@ -83,6 +83,8 @@ def policy_pass(
     # on-policy, the forward's log-probs stand in for the skipped old pass in the engine-agreement check
     keep_logp = old_logp is None and batch.sample_logprobs is not None
     forward_logp = padded(batch, d.device) if keep_logp else None
+    ppo_kw = dict(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, temperature=temperature,
+                  entropy_coef=entropy_coef)  # fmt: skip
     for epoch in range(epochs):
         for seqs in shuffled_chunks(batch.n, mini_batches, seed=minibatch_seed(seed, 0, epoch)):
             norm_kw = _normaliser(loss_agg, lengths, seqs)
@@ -91,19 +93,7 @@ def policy_pass(
             for mb in micro_batches(batch, seqs, d):
                 w = aggregation_weights(mb.head_mask, mb.head_seq_ids, loss_agg, **norm_kw)
                 w = w * (0.0 if mb.filler else float(d.world))
-                adv = mb.head_from_padded(advantages)
-                old = mb.head_from_padded(old_logp) if old_logp is not None else None
-                ref = mb.head_from_padded(ref_logp) if ref_logp is not None else None
-                loss, st = policy(
-                    mb.input_ids,
-                    mb.position_ids,
-                    lambda h, wt, b, mb=mb, w=w, old=old, adv=adv, ref=ref: linear_ppo_loss(
-                        h, wt, mb.head_targets, old, adv, w,
-                        clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, temperature=temperature,
-                        ref_logp=ref, kl_coef=kl_coef if ref is not None else 0.0, entropy_coef=entropy_coef, bias=b,
-                    ),
-                    mb.pos,
-                )  # fmt: skip
+                loss, st = _micro_batch_loss(policy, mb, w, advantages, old_logp, ref_logp, kl_coef, ppo_kw)
                 loss.backward()
                 if forward_logp is not None:
                     mb.head_to_padded(st.logp.detach(), forward_logp)
@@ -129,6 +119,24 @@ def policy_pass(
         stats=stats,
         logp=all_sum(forward_logp) if forward_logp is not None else None,
     )
+
+
+def _micro_batch_loss(
+    policy: nn.Module, mb, w: Tensor, advantages: Tensor, old_logp: Tensor | None, ref_logp: Tensor | None,
+    kl_coef: float, ppo_kw: dict,
+):  # fmt: skip
+    """One packed micro-batch's PPO loss and stats: the body's forward, then the fused head on its response rows."""
+    adv = mb.head_from_padded(advantages)
+    old = mb.head_from_padded(old_logp) if old_logp is not None else None
+    ref = mb.head_from_padded(ref_logp) if ref_logp is not None else None
+    kl = kl_coef if ref is not None else 0.0
+
+    def head(h: Tensor, wt: Tensor, b: Tensor | None):
+        return linear_ppo_loss(
+            h, wt, mb.head_targets, old, adv, w, ref_logp=ref, kl_coef=kl, bias=b, **ppo_kw
+        )
+
+    return policy(mb.input_ids, mb.position_ids, head, mb.pos)
 
 
 def _normaliser(loss_agg: str, lengths: list[int], seqs: list[int]) -> dict[str, int]:

@@ -255,6 +255,13 @@ def engine_sleep(engine: RolloutEngine) -> None:
         engine.sleep(level=1)
 
 
+def engine_wake(engine: RolloutEngine) -> None:
+    """Wake a sleeping engine with the weights it kept (level 1), for an iteration that left the policy unchanged:
+    no weight sync needed. No-op for every other engine."""
+    if getattr(engine, "sleeping", False):
+        engine.wake_up()
+
+
 def generation_seed(seed: int, step: int, round_: int, rank: int) -> int:
     """Sampling seed of one rollout round: a function of the position in the run, so resume replays it."""
     return (((seed * 1_000_003 + step) * 131 + round_) * 257 + rank) % (2**62)

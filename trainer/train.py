@@ -63,6 +63,7 @@ from fastprime.trainer.rollout import (
     close_engine,
     collect_batch,
     engine_sleep,
+    engine_wake,
     sync_policy,
 )
 
@@ -150,10 +151,7 @@ def train_step(t: Trainer, step: int, timer: Timer) -> dict:
         t.log.write(
             f"iteration {step}: no group passed the filter in {cfg.filter.max_rounds} rounds; no update"
         )
-        stats = [rollout_stats, {"filter/skipped_update": 1}]
-        return iteration_record(
-            step, stats, timer.times, batch_tokens=None, policy_epochs=0, skipped_total=t.state.skipped_steps
-        )
+        return _without_policy_update(t, step, timer, [rollout_stats, {"filter/skipped_update": 1}])
     engine_sleep(t.engine)  # GPU sleep mode: the trainer's phases get the engine's memory until the sync
     batch = Batch.from_groups(groups, t.prompts, k=cfg.rollout.n_samples)
     prm_warmup = step <= cfg.prm.warmup_iterations  # only the PRM trains; no update needs old log-probs
@@ -173,19 +171,12 @@ def train_step(t: Trainer, step: int, timer: Timer) -> dict:
         if not bool(torch.isfinite(rewards).all()):  # a diverged PRM: no policy update on its rewards
             t.log.write(f"iteration {step}: the PRM gave non-finite rewards; policy update skipped")
             t.state.skipped_steps += cfg.policy.mini_batches * cfg.policy.epochs
-            sync_policy(t.engine, t.policy)  # unchanged weights; wakes a sleeping engine for the next rollout
             skip = {"prm/nonfinite_skipped_update": 1}
             stats = [rollout_stats, batch_stats(batch), logprob_stats, prm_stats, skip]
-            return iteration_record(
-                step, stats, timer.times, batch_tokens=None, policy_epochs=0, skipped_total=t.state.skipped_steps
-            )  # fmt: skip
+            return _without_policy_update(t, step, timer, stats)
     if prm_warmup:
-        sync_policy(t.engine, t.policy)  # unchanged weights; wakes a sleeping engine for the next rollout
         stats = [rollout_stats, batch_stats(batch), logprob_stats, prm_stats, {"prm/warmup": 1}]
-        return iteration_record(
-            step, stats, timer.times, batch_tokens=batch.num_tokens, policy_epochs=0,
-            skipped_total=t.state.skipped_steps,
-        )  # fmt: skip
+        return _without_policy_update(t, step, timer, stats, batch_tokens=batch.num_tokens)
     # 6. advantages
     with timer("advantages"):
         adv, adv_stats = advantage_phase(batch, rewards, d.device, config=cfg.algorithm)
@@ -207,6 +198,22 @@ def train_step(t: Trainer, step: int, timer: Timer) -> dict:
         step, stats, timer.times, batch_tokens=batch.num_tokens, policy_epochs=cfg.policy.epochs,
         skipped_total=t.state.skipped_steps,
     )  # fmt: skip
+
+
+def _without_policy_update(
+    t: Trainer, step: int, timer: Timer, stats: list[dict], *, batch_tokens: int | None = None
+) -> dict:
+    """The record of an iteration that ends before the policy update (nothing passed the filter, a diverged
+    PRM, a PRM warm-up). The policy is unchanged, so the engine keeps its weights: no sync, only a wake-up."""
+    engine_wake(t.engine)
+    return iteration_record(
+        step,
+        stats,
+        timer.times,
+        batch_tokens=batch_tokens,
+        policy_epochs=0,
+        skipped_total=t.state.skipped_steps,
+    )
 
 
 def iteration(t: Trainer, n: int, *, stop: bool) -> dict:
