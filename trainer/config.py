@@ -99,7 +99,9 @@ class FilterConfig:
     drop_truncated: bool = False
     """Also drop groups that contain a truncated response."""
     max_rounds: int = 8
-    """Rollout rounds per iteration before training on whatever passed (guards against nothing passing)."""
+    """Rollout rounds per iteration before training on whatever passed (guards against nothing passing). A round
+    samples as many prompts as the pass rate says B needs (filtering.prompts_to_sample), at most B * max_rounds
+    in the whole iteration."""
 
 
 @dataclass

@@ -10,6 +10,7 @@ reference code does, so no stale response is ever trained on).
 from __future__ import annotations
 
 import copy
+import math
 from collections import deque
 from typing import Any
 
@@ -60,6 +61,29 @@ def group_filter_mask(
     return keep
 
 
+def prompts_to_sample(need: int, pass_rate: float | None, *, most: int) -> int:
+    """How many prompts one rollout round samples so that `need` more groups pass the filter.
+
+    need / pass_rate plus one binomial standard deviation (sqrt(need * (1 - pass_rate)) more passing groups):
+    the round yields enough about 5 times in 6. A round of fewer prompts is no bargain: every round is a whole
+    decode loop, and a small batch decodes at nearly the cost of a large one (3 rounds of 32 demo prompts took
+    1.36 s on a CPU, one round of 96 took 1.00 s). Surplus passed prompts wait in the `RefillBuffer`.
+
+    pass_rate: the fraction of groups that passed so far (None before any round: `need`); `most` caps the
+    result (at least `need`, whatever the rate: 0 gives `most`).
+    """
+    if not 0 < need <= most:
+        raise ValueError(f"need = {need} must lie in [1, most = {most}]")
+    if pass_rate is not None and not 0.0 <= pass_rate <= 1.0:
+        raise ValueError(f"pass_rate = {pass_rate} must lie in [0, 1]")
+    if pass_rate is None or pass_rate == 1.0:
+        return need
+    if pass_rate == 0.0:
+        return most
+    wanted = math.ceil((need + math.sqrt(need * (1.0 - pass_rate))) / pass_rate - 1e-9)
+    return max(need, min(wanted, most))
+
+
 class RefillBuffer:
     """First-in first-out store of prompts (indices) whose groups passed the filter beyond the batch size.
 
@@ -106,4 +130,4 @@ class RefillBuffer:
         self._groups = deque(copy.deepcopy(list(d["groups"])))
 
 
-__all__ = ["group_filter_mask", "RefillBuffer"]
+__all__ = ["group_filter_mask", "prompts_to_sample", "RefillBuffer"]

@@ -28,7 +28,7 @@ from fastprime.trainer.batch import Group
 from fastprime.trainer.config import Config
 from fastprime.trainer.data import Prompt, PromptStream
 from fastprime.trainer.diagnostics import outcome_stats
-from fastprime.trainer.filtering import RefillBuffer, group_filter_mask
+from fastprime.trainer.filtering import RefillBuffer, group_filter_mask, prompts_to_sample
 from fastprime.trainer.flops import sequence_flops
 from fastprime.trainer.passes import Dist
 
@@ -335,19 +335,26 @@ def _sampling_logprobs(rollouts: list[Rollout]) -> list[list[float]] | None:
 
 def collect_batch(
     engine, pool, prompts: list[Prompt], stream: PromptStream, buffer: RefillBuffer, cfg: Config, step: int,
-    d: Dist, timer, tok,
+    d: Dist, timer, tok, pass_rate: float | None = None,
 ) -> tuple[list[Group], dict[str, float]]:  # fmt: skip
     """Groups for this iteration: rollout rounds until B groups pass or max_rounds.
 
     The refill buffer holds prompt indices that passed beyond B earlier; the first round samples them again
-    (with the current policy) before fresh prompts, so every group trained on was sampled in this iteration."""
+    (with the current policy) before fresh prompts, so every group trained on was sampled in this iteration.
+    A round samples as many prompts as the pass rate says it needs (`prompts_to_sample`): the last
+    iteration's `pass_rate` (stats "filter/pass_rate") in the first round, this iteration's after it."""
     B, k, f = cfg.train.batch_size, cfg.rollout.n_samples, cfg.filter
     buffered = buffer.take(B)
     from_buffer, buffer_passed, groups = len(buffered), 0, []
     all_acc, all_trunc, all_len, failures, rounds, seen, passed, flops = [], [], [], {}, 0, 0, 0, 0
     while len(groups) < B and rounds < f.max_rounds:
         rounds += 1
-        idx = buffered + stream.take(B - len(buffered), exclude=buffered)
+        rate = passed / seen if seen else (pass_rate if f.enabled else None)
+        need = B - len(groups)
+        # the iteration samples at most what max_rounds rounds of B prompts would, but any round may sample `need`
+        most = min(max(need, B * f.max_rounds - seen), len(prompts))
+        count = prompts_to_sample(need, rate, most=most)
+        idx = buffered + stream.take(count - len(buffered), exclude=buffered)
         new, new_failures = rollout_round(
             engine, pool, prompts, idx, k=k, seed=generation_seed(cfg.train.seed, step, rounds, d.rank),
             d=d, timer=timer, tok=tok,
@@ -371,7 +378,6 @@ def collect_batch(
             buffered = []
             ok = [g for g, kp in zip(new, keep.tolist()) if kp]
             seen, passed = seen + len(new), passed + len(ok)
-            need = B - len(groups)
             groups += ok[:need]
             buffer.add([g.prompt for g in ok[need:]])
     stats = {

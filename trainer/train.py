@@ -76,13 +76,14 @@ class TrainState:
     skipped_steps: int = 0  # optimizer steps (PRM and policy) skipped for a non-finite loss or gradient norm
     initial_eval: float | None = None  # held-out accuracy before the first iteration
     warmstart: dict | None = None  # what the warm start did: steps, acc, seconds
+    filter_pass_rate: float | None = None  # the last iteration's: sizes the next iteration's first rollout round
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def load_state_dict(self, state_dict: dict) -> None:
         for f in dataclasses.fields(self):
-            setattr(self, f.name, state_dict[f.name])
+            setattr(self, f.name, state_dict.get(f.name, f.default))  # a field newer than the checkpoint
 
 
 @dataclass
@@ -145,8 +146,10 @@ def train_step(t: Trainer, step: int, timer: Timer) -> dict:
     cfg, d, T = t.cfg, t.d, t.cfg.rollout.temperature
     # 1-3. rollout, verify, filter/refill
     groups, rollout_stats = collect_batch(
-        t.engine, t.pool, t.prompts, t.stream, t.buffer, cfg, step, d, timer, t.tok
-    )
+        t.engine, t.pool, t.prompts, t.stream, t.buffer, cfg, step, d, timer, t.tok,
+        pass_rate=t.state.filter_pass_rate,
+    )  # fmt: skip
+    t.state.filter_pass_rate = rollout_stats["filter/pass_rate"]
     if not groups:
         t.log.write(
             f"iteration {step}: no group passed the filter in {cfg.filter.max_rounds} rounds; no update"

@@ -61,6 +61,30 @@ def test_every_trained_group_was_sampled_in_its_iteration(parts, group_of_one):
     assert passed_again < from_buffer, "resampled buffer prompts should sometimes fail the filter again"
 
 
+def test_a_round_samples_what_the_pass_rate_says(parts, group_of_one):
+    """The first round samples (B + sqrt(B (1 - p))) / p prompts at the last pass rate p (capped at B *
+    max_rounds); every group passes here (drop_truncated off), so the surplus waits in the buffer, and the next
+    iteration, at pass rate 1, samples only the B buffered prompts."""
+    tok, engine, prompts, pool = parts
+    cfg, d = _config(batch_size=3), group_of_one
+    cfg.filter.drop_truncated = False
+    stream, buffer = PromptStream(len(prompts), seed=0), RefillBuffer()
+    groups, stats = collect_batch(
+        engine, pool, prompts, stream, buffer, cfg, 1, d, Timer(d.device), tok, pass_rate=0.5
+    )
+    # (3 + sqrt(1.5)) / 0.5 = 8.45 -> 9 prompts, 2 responses each, one round
+    assert (stats["rollout/responses"], stats["filter/rounds"], len(groups), len(buffer)) == (18, 1, 3, 6)
+    groups, stats = collect_batch(
+        engine, pool, prompts, stream, buffer, cfg, 2, d, Timer(d.device), tok, pass_rate=stats["filter/pass_rate"]
+    )
+    assert (stats["rollout/responses"], stats["filter/from_buffer"], len(buffer)) == (6, 3, 3)
+    cfg.filter.enabled = False  # no filter: the pass rate means nothing, B prompts
+    _, stats = collect_batch(
+        engine, pool, prompts, stream, RefillBuffer(), cfg, 3, d, Timer(d.device), tok, pass_rate=0.5
+    )
+    assert stats["rollout/responses"] == 6
+
+
 def test_a_repeated_prompt_gets_two_groups(parts, group_of_one):
     """Groups are keyed by position: a prompt listed twice is sampled twice, neither dropped nor duplicated."""
     tok, engine, prompts, pool = parts

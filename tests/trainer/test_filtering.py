@@ -5,7 +5,7 @@ import pickle
 import pytest
 import torch
 
-from fastprime.trainer.filtering import RefillBuffer, group_filter_mask
+from fastprime.trainer.filtering import RefillBuffer, group_filter_mask, prompts_to_sample
 
 
 def test_bounds_inclusive_k4():
@@ -90,3 +90,30 @@ def test_refill_buffer_errors():
         RefillBuffer().take(-1)
     with pytest.raises(ValueError, match="groups"):
         RefillBuffer().load_state_dict({"items": []})
+
+
+@pytest.mark.parametrize(
+    "need, pass_rate, most, want",
+    [
+        (32, None, 256, 32),  # no rate yet: the batch size, as before any round
+        (32, 1.0, 256, 32),  # everything passes: no surplus
+        (10, 0.5, 256, 25),  # (10 + sqrt(10 * 0.5)) / 0.5 = 24.47
+        (32, 0.9, 256, 38),  # (32 + sqrt(32 * 0.1)) / 0.9 = 37.54
+        (32, 1 / 3, 256, 110),  # (32 + sqrt(32 * 2/3)) * 3 = 109.86
+        (32, 1 / 3, 96, 96),  # capped
+        (32, 0.0, 96, 96),  # nothing passed: as many as allowed
+        (5, 0.99, 96, 6),  # (5 + sqrt(0.05)) / 0.99 = 5.28
+    ],
+)
+def test_prompts_to_sample(need, pass_rate, most, want):
+    assert prompts_to_sample(need, pass_rate, most=most) == want
+
+
+@pytest.mark.parametrize(
+    "need, pass_rate, most, match",
+    [(0, 0.5, 10, "need"), (11, 0.5, 10, "need"), (4, -0.1, 10, "pass_rate"), (4, 1.5, 10, "pass_rate"),
+     (4, float("nan"), 10, "pass_rate")],
+)  # fmt: skip
+def test_prompts_to_sample_errors(need, pass_rate, most, match):
+    with pytest.raises(ValueError, match=match):
+        prompts_to_sample(need, pass_rate, most=most)
