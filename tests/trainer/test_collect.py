@@ -75,7 +75,17 @@ def test_a_round_samples_what_the_pass_rate_says(parts, group_of_one):
     # (3 + sqrt(1.5)) / 0.5 = 8.45 -> 9 prompts, 2 responses each, one round
     assert (stats["rollout/responses"], stats["filter/rounds"], len(groups), len(buffer)) == (18, 1, 3, 6)
     groups, stats = collect_batch(
-        engine, pool, prompts, stream, buffer, cfg, 2, d, Timer(d.device), tok, pass_rate=stats["filter/pass_rate"]
+        engine,
+        pool,
+        prompts,
+        stream,
+        buffer,
+        cfg,
+        2,
+        d,
+        Timer(d.device),
+        tok,
+        pass_rate=stats["filter/pass_rate"],
     )
     assert (stats["rollout/responses"], stats["filter/from_buffer"], len(buffer)) == (6, 3, 3)
     cfg.filter.enabled = False  # no filter: the pass rate means nothing, B prompts

@@ -49,7 +49,11 @@ def test_warmup_trains_only_the_prm_then_rl_starts_from_the_unchanged_policy(tmp
     assert len(policies_updated) == 1, "one RL iteration: one policy update"
     (updated,) = policies_updated
     assert updated.keys() == start.keys()
-    diff = {k: float((updated[k].cpu().double() - start[k].double()).abs().max()) for k in start if not torch.equal(updated[k].cpu(), start[k])}
+    diff = {
+        k: float((updated[k].cpu().double() - start[k].double()).abs().max())
+        for k in start
+        if not torch.equal(updated[k].cpu(), start[k])
+    }
     assert not diff, diff
 
     records = {r["step"]: r for r in read_metrics(tmp_path / "r" / "metrics.jsonl")}
