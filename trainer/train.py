@@ -76,9 +76,7 @@ class TrainState:
     skipped_steps: int = 0  # optimizer steps (PRM and policy) skipped for a non-finite loss or gradient norm
     initial_eval: float | None = None  # held-out accuracy before the first iteration
     warmstart: dict | None = None  # what the warm start did: steps, acc, seconds
-    filter_pass_rate: float | None = (
-        None  # the last iteration's: sizes the next iteration's first rollout round
-    )
+    filter_pass_rate: float | None = None  # the last iteration's; sizes the next one's first rollout round
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)
