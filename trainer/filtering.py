@@ -80,6 +80,7 @@ def prompts_to_sample(need: int, pass_rate: float | None, *, most: int) -> int:
         return need
     if pass_rate == 0.0:
         return most
+    # - 1e-9: a quotient that is whole up to rounding must not cost a whole extra prompt
     wanted = math.ceil((need + math.sqrt(need * (1.0 - pass_rate))) / pass_rate - 1e-9)
     return max(need, min(wanted, most))
 

@@ -69,29 +69,19 @@ def test_a_round_samples_what_the_pass_rate_says(parts, group_of_one):
     cfg, d = _config(batch_size=3), group_of_one
     cfg.filter.drop_truncated = False
     stream, buffer = PromptStream(len(prompts), seed=0), RefillBuffer()
-    groups, stats = collect_batch(
-        engine, pool, prompts, stream, buffer, cfg, 1, d, Timer(d.device), tok, pass_rate=0.5
-    )
+
+    def collect(step, pass_rate, buffer=buffer):
+        return collect_batch(
+            engine, pool, prompts, stream, buffer, cfg, step, d, Timer(d.device), tok, pass_rate=pass_rate
+        )
+
+    groups, stats = collect(1, 0.5)
     # (3 + sqrt(1.5)) / 0.5 = 8.45 -> 9 prompts, 2 responses each, one round
     assert (stats["rollout/responses"], stats["filter/rounds"], len(groups), len(buffer)) == (18, 1, 3, 6)
-    groups, stats = collect_batch(
-        engine,
-        pool,
-        prompts,
-        stream,
-        buffer,
-        cfg,
-        2,
-        d,
-        Timer(d.device),
-        tok,
-        pass_rate=stats["filter/pass_rate"],
-    )
+    groups, stats = collect(2, stats["filter/pass_rate"])
     assert (stats["rollout/responses"], stats["filter/from_buffer"], len(buffer)) == (6, 3, 3)
     cfg.filter.enabled = False  # no filter: the pass rate means nothing, B prompts
-    _, stats = collect_batch(
-        engine, pool, prompts, stream, RefillBuffer(), cfg, 3, d, Timer(d.device), tok, pass_rate=0.5
-    )
+    _, stats = collect(3, 0.5, buffer=RefillBuffer())
     assert stats["rollout/responses"] == 6
 
 

@@ -1,7 +1,8 @@
 """Behaviour pin: a short seeded CPU run of `python trainer/main.py` must give the recorded metrics.jsonl values.
 
-golden/golden_metrics.jsonl holds every value of golden/golden_run.yaml's run (time and throughput keys aside)
-as recorded on the commit before the issue-8 restructure. Any change to a loss, accuracy, reward, advantage or
+golden/golden_metrics.jsonl holds every value of golden/golden_run.yaml's run (time and throughput keys aside),
+first recorded before the issue-8 restructure; `git log` on it says what each re-recording changed (last:
+rollout rounds sized by the filter's pass rate, 8d96d69). Any change to a loss, accuracy, reward, advantage or
 count fails here; a deliberate change re-records with `FASTPRIME_RECORD_GOLDEN=1 python -m pytest -q
 tests/trainer/test_golden_run.py` and says why in its commit.
 

