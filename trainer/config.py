@@ -130,6 +130,11 @@ class PRMConfig:
     """Process reward on every token ('token') or the whole sum on the last token ('whole')."""
     norm: Literal["batch_norm", "none"] = "batch_norm"
     """Divide process rewards by the largest |return-to-go| in the batch ('batch_norm') or not."""
+    logit_scale_lr: float = 0.0
+    """AdamW learning rate of a scalar s on the PRM's logits, log pi_prm = log_softmax(s * logits) (a learned
+    inverse temperature, s = 1 at the start, so the PRM still starts as the reference); 0: no such scalar, the
+    PRM as published. With it a PRM can sharpen the reference, which its body weights at a small lr cannot do
+    within a run: benchmarks/results/demo_experiments.md."""
     warmup_iterations: int = 0
     """The first iterations train only the PRM on the starting policy's labelled samples (rollout, verify,
     filter, reference, PRM update; no policy update), before train.iterations RL iterations; eval.every counts

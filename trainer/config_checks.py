@@ -80,6 +80,7 @@ def validate(cfg: Config) -> Config:
         need(opt.grad_clip > 0, f"{name}.grad_clip={opt.grad_clip} must be > 0")
         need(opt.mini_batches >= 1, f"{name}.mini_batches={opt.mini_batches} must be >= 1")
     need(cfg.prm.beta > 0, f"prm.beta={cfg.prm.beta} must be > 0")
+    need(cfg.prm.logit_scale_lr >= 0, f"prm.logit_scale_lr={cfg.prm.logit_scale_lr} must be >= 0")
     w = cfg.prm.warmup_iterations
     need(w >= 0, f"prm.warmup_iterations={w} must be >= 0")
     need(

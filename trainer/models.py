@@ -64,11 +64,16 @@ def init_distributed() -> tuple[int, int, torch.device]:
 
 
 class HeadlessLM(nn.Module):
-    """An HF causal LM whose forward returns `head(hidden [N, D], lm_head.weight [V, D], lm_head.bias)`."""
+    """An HF causal LM whose forward returns `head(hidden [N, D], lm_head.weight [V, D], lm_head.bias)`.
 
-    def __init__(self, lm: nn.Module) -> None:
+    logit_scale=True adds a trained scalar s (starting at 1) that multiplies the hidden rows going into the head,
+    i.e. the logits (lm_head has no bias where it is used: the PRM of prm.logit_scale_lr)."""
+
+    def __init__(self, lm: nn.Module, *, logit_scale: bool = False) -> None:
         super().__init__()
         self.lm = lm
+        device = next(lm.parameters()).device
+        self.logit_scale = nn.Parameter(torch.ones(1, device=device)) if logit_scale else None
 
     def forward(
         self, input_ids: Tensor, position_ids: Tensor, head: Callable[..., Any], rows: Tensor | None = None
@@ -85,6 +90,8 @@ class HeadlessLM(nn.Module):
         hidden = out.last_hidden_state[0]
         if rows is not None:
             hidden = hidden.index_select(0, rows)
+        if self.logit_scale is not None:
+            hidden = hidden * self.logit_scale
         return head(hidden, lm_head.weight, getattr(lm_head, "bias", None))
 
 
@@ -105,6 +112,7 @@ def shard_model(
     mixed_precision: bool = True,
     activation_checkpointing: bool = False,
     offload: bool = False,
+    logit_scale: bool = False,
 ) -> HeadlessLM:
     """Wrap `lm` in HeadlessLM and apply FSDP2: fully_shard each decoder block, then the root.
 
@@ -130,7 +138,7 @@ def shard_model(
     apply_body_kernels(lm, device.type)  # CUDA + liger-kernel installed only
     if not trainable:
         lm.requires_grad_(False)
-    model = HeadlessLM(lm)
+    model = HeadlessLM(lm, logit_scale=logit_scale)
     mp = None
     if mixed_precision and device.type == "cuda":
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -217,8 +225,9 @@ def build_models(cfg: Config, lm: nn.Module, device: torch.device) -> dict[str, 
         models["ref"] = shard_model(copy.deepcopy(lm), trainable=False, offload=offload, **shard)
     if use_prm:
         trainable = cfg.prm.update != "none"
+        scale = trainable and cfg.prm.logit_scale_lr > 0
         models["prm"] = shard_model(
-            prm_lm, trainable=trainable, activation_checkpointing=ckpt, offload=offload, **shard
+            prm_lm, trainable=trainable, activation_checkpointing=ckpt, offload=offload, logit_scale=scale, **shard
         )
     models["policy"] = shard_model(lm, trainable=True, activation_checkpointing=ckpt, **shard)
     return models

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from fastprime.kernels import linear_prm_loss
 from fastprime.trainer.batch import Batch
@@ -256,6 +257,9 @@ def prm_phase(
         q, stats["perf/prm_flops"] = after.q, res.flops + after.flops
         stats["prm/pairwise_acc_after"] = _pairwise_accuracy(q, mask, acc, batch.k)
     stats["prm/loss"] = res.loss
+    scale = getattr(prm, "logit_scale", None)
+    if scale is not None:  # a collective under FSDP: every rank runs prm_phase
+        stats["prm/logit_scale"] = float((scale.full_tensor() if isinstance(scale, DTensor) else scale).detach())
     if config.update != "none":
         stats.update({"prm/grad_norm": res.grad_norm, "prm/skipped_steps": res.skipped})
     nonfinite = int((~torch.isfinite(q) & mask).sum())

@@ -43,7 +43,7 @@ def main() -> None:
     batch = fixed_batch(len(tok))
     mask = batch.mask
     ref = shard_model(copy.deepcopy(lm), trainable=False, device=device)
-    prm = shard_model(copy.deepcopy(lm), device=device)
+    prm = shard_model(copy.deepcopy(lm), device=device, logit_scale=True)  # a root parameter of shape [1]
     policy = shard_model(lm, device=device)
     # SGD: the updated weights are then a linear function of the gradients, so comparing them compares gradients
     # (Adam's first step, ~lr * sign(g), would amplify summation-order noise where g is near 0).

@@ -131,6 +131,8 @@ def _demo(**sections):
         ({"warmstart": {"target_acc_lo": 0.6, "target_acc_hi": 0.5}}, "warmstart.target_acc_lo=0.6"),
         ({"warmstart": {"batch_size": 0}}, "warmstart.batch_size=0 must be >= 1"),
         ({"warmstart": {"lr": 0.0}}, "warmstart.lr=0.0 must be > 0"),
+        ({"prm": {"logit_scale_lr": -0.01}}, "prm.logit_scale_lr=-0.01 must be >= 0"),
+        ({"prm": {"logit_scale_lr": float("nan")}}, "prm.logit_scale_lr=nan must be >= 0"),
     ],
 )
 def test_cross_checks_name_the_value(sections, message):

@@ -60,9 +60,11 @@ def test_fsdp2_two_ranks_equal_one_process(tmp_path):
             f"{key}: 2 ranks {two[key]} vs 1 rank {one[key]}"
         )
     start = build_tiny_model(build_tokenizer(), seed=0).state_dict()
+    # the PRM's logit scale (prm.logit_scale_lr), sharded over 2 ranks as a root parameter of one element
+    assert abs(float(one["prm"]["logit_scale"]) - 1.0) > 1e-4
     for model in ("policy", "prm"):
         assert one[model].keys() == two[model].keys()
-        moved = max(float((one[model][k] - start[k]).abs().max()) for k in one[model])
+        moved = max(float((one[model][k] - start[k]).abs().max()) for k in start)
         assert moved > 1e-4, f"{model} did not change (max change {moved})"
         for k in one[model]:
             torch.testing.assert_close(

@@ -155,15 +155,20 @@ def _batch(vocab: int) -> Batch:
     )
 
 
-def _seq_logp(lm, p: list[int], r: list[int], temperature: float = 1.0) -> torch.Tensor:
+def _seq_logp(lm, p: list[int], r: list[int], temperature: float = 1.0, scale=1.0) -> torch.Tensor:
     logits = lm(input_ids=torch.tensor([p + r]), use_cache=False).logits[0, len(p) - 1 : -1].double()
-    return F.log_softmax(logits / temperature, -1).gather(-1, torch.tensor(r)[:, None])[:, 0]
+    return F.log_softmax(scale * logits / temperature, -1).gather(-1, torch.tensor(r)[:, None])[:, 0]
 
 
-def _eager_after(prm_lm, ref_lm, batch: Batch, mini_batches: int, temperature: float = 1.0):
-    """The `after` order by hand: per mini-batch, q from the current PRM, then one SGD step on its BCE."""
+def _eager_after(prm_lm, ref_lm, batch: Batch, mini_batches: int, temperature: float = 1.0, scale=None):
+    """The `after` order by hand: per mini-batch, q from the current PRM, then one SGD step on its BCE.
+    scale: a logit scale s (prm.logit_scale_lr), log pi_prm = log_softmax(s * logits), stepped with the weights."""
     prm_lm = copy.deepcopy(prm_lm).double()
-    opt = torch.optim.SGD(prm_lm.parameters(), lr=LR)
+    params = list(prm_lm.parameters())
+    if scale is not None:
+        scale = torch.tensor(scale, dtype=torch.float64, requires_grad=True)
+        params.append(scale)
+    opt = torch.optim.SGD(params, lr=LR)
     q = torch.zeros(batch.mask.shape, dtype=torch.float64)
     losses = []
     for seqs in chunks(batch.n, mini_batches):
@@ -172,7 +177,7 @@ def _eager_after(prm_lm, ref_lm, batch: Batch, mini_batches: int, temperature: f
             p, r = batch.prompts[i], batch.responses[i]
             with torch.no_grad():
                 ref = _seq_logp(copy.deepcopy(ref_lm).double(), p, r, temperature)
-            qi = _seq_logp(prm_lm, p, r, temperature) - ref
+            qi = _seq_logp(prm_lm, p, r, temperature, 1.0 if scale is None else scale) - ref
             q[i, : len(r)] = qi.detach()
             scores.append(BETA * qi.sum())
         loss = F.binary_cross_entropy_with_logits(torch.stack(scores), batch.acc[seqs].double())
@@ -180,6 +185,8 @@ def _eager_after(prm_lm, ref_lm, batch: Batch, mini_batches: int, temperature: f
         opt.step()
         opt.zero_grad()
         losses.append(float(loss.detach()))
+    if scale is not None:
+        return q, sum(losses) / len(losses), prm_lm.state_dict(), float(scale.detach())
     return q, sum(losses) / len(losses), prm_lm.state_dict()
 
 
@@ -217,6 +224,35 @@ def test_prm_pass_after_equals_eager_reference(group_of_one, budget, T):
         )
     q_second = torch.cat([q_ref[i, : len(batch.responses[i])] for i in second])
     assert (q_second - q_start).abs().max() > 1e-3
+
+
+def test_prm_logit_scale_is_applied_and_trained_like_eager_reference(group_of_one):
+    """prm.logit_scale_lr: log pi_prm = log_softmax(s * logits) with s a trained scalar; q, loss, the stepped
+    weights and the stepped s all equal the eager fp64 computation (s starts at 1.3 here so that it matters)."""
+    tok = build_tokenizer()
+    ref_lm, prm_lm = build_tiny_model(tok, seed=0), build_tiny_model(tok, seed=1)
+    batch = _batch(len(tok))
+    d = Dist(rank=0, world=1, device=group_of_one.device, token_budget=16)
+    ref = shard_model(copy.deepcopy(ref_lm), trainable=False, device=d.device)
+    ref_logp, _ = logprob_pass(ref, batch, d, temperature=1.0)
+    prm = shard_model(copy.deepcopy(prm_lm), device=d.device, logit_scale=True)
+    with torch.no_grad():
+        prm.logit_scale.fill_(1.3)
+    opt = torch.optim.SGD(prm.parameters(), lr=LR)
+    res = prm_pass(
+        prm, opt, batch, ref_logp, d, mini_batches=2, beta=BETA, temperature=1.0, max_norm=1e9, update=True
+    )
+    q_ref, loss_ref, sd_ref, scale_ref = _eager_after(prm_lm, ref_lm, batch, 2, scale=1.3)
+
+    torch.testing.assert_close(res.q.double(), q_ref, atol=5e-5, rtol=0)
+    assert res.loss == pytest.approx(loss_ref, abs=1e-5)
+    for k, v in full_state_dict(prm).items():
+        if k != "logit_scale":
+            torch.testing.assert_close(
+                v.double(), sd_ref[k], atol=5e-5, rtol=1e-4, msg=lambda m, k=k: f"{k}: {m}"
+            )
+    assert abs(scale_ref - 1.3) > 1e-3  # the scale's gradient is not negligible here
+    assert float(prm.logit_scale.detach()) == pytest.approx(scale_ref, abs=1e-5)
 
 
 def test_prm_update_before_takes_rewards_from_the_updated_prm(group_of_one):

@@ -34,7 +34,7 @@ data: {{source: demo, demo_train_rows: 64, demo_eval_rows: 0, max_prompt_tokens:
 rollout: {{n_samples: 2, max_new_tokens: 8, prompts_per_generate: 8}}
 filter: {{enabled: false}}
 verifier: {{workers: 1, timeout_s: 5.0}}
-prm: {{lr: 1.0e-3, mini_batches: 2}}
+prm: {{lr: 1.0e-3, mini_batches: 2, logit_scale_lr: 1.0e-2}}
 policy: {{lr: 1.0e-3, mini_batches: 2}}
 eval: {{every: 0}}
 train: {{iterations: {ITERATIONS}, batch_size: 4, micro_batch_tokens: 96}}
