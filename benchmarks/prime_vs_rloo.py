@@ -42,6 +42,8 @@ VARIANTS = {
     "prime-none": ["--prm.update", "none"],
     # 30 iterations that train only the PRM on the warm-started policy's samples, then the same 100 RL iterations
     "prime-warmup": ["--prm.update", "after", "--prm.warmup-iterations", "30"],
+    # the PRM's logits unscaled, as published (the demo config trains a logit scale: prm.logit_scale_lr)
+    "prime-no-scale": ["--prm.update", "after", "--prm.logit-scale-lr", "0"],
     "rloo": ["--algorithm.process-coef", "0"],
 }
 META = "bench_meta.json"
@@ -182,7 +184,8 @@ def header(trainer_flags: list[str], seeds: list[int], missing: list[str], metas
              f"- Trainer flags passed: `{flags}`; seeds {seeds}",
              "- Variants: prime = PRM update after (the default), prime-before / prime-none = `--prm.update`, "
              "prime-warmup = 30 PRM-only iterations first (`--prm.warmup-iterations 30`, compared at equal RL "
-             "iterations), rloo = `--algorithm.process-coef 0` (PRM off)"]  # fmt: skip
+             "iterations), prime-no-scale = no trained logit scale on the PRM (`--prm.logit-scale-lr 0`), "
+             "rloo = `--algorithm.process-coef 0` (PRM off)"]  # fmt: skip
     if missing:
         lines.append(f"- Not finished, left out: {', '.join(missing)}")
     return "\n".join(lines)
