@@ -227,7 +227,12 @@ def build_models(cfg: Config, lm: nn.Module, device: torch.device) -> dict[str, 
         trainable = cfg.prm.update != "none"
         scale = trainable and cfg.prm.logit_scale_lr > 0
         models["prm"] = shard_model(
-            prm_lm, trainable=trainable, activation_checkpointing=ckpt, offload=offload, logit_scale=scale, **shard
+            prm_lm,
+            trainable=trainable,
+            activation_checkpointing=ckpt,
+            offload=offload,
+            logit_scale=scale,
+            **shard,
         )
     models["policy"] = shard_model(lm, trainable=True, activation_checkpointing=ckpt, **shard)
     return models

@@ -259,7 +259,9 @@ def prm_phase(
     stats["prm/loss"] = res.loss
     scale = getattr(prm, "logit_scale", None)
     if scale is not None:  # a collective under FSDP: every rank runs prm_phase
-        stats["prm/logit_scale"] = float((scale.full_tensor() if isinstance(scale, DTensor) else scale).detach())
+        stats["prm/logit_scale"] = float(
+            (scale.full_tensor() if isinstance(scale, DTensor) else scale).detach()
+        )
     if config.update != "none":
         stats.update({"prm/grad_norm": res.grad_norm, "prm/skipped_steps": res.skipped})
     nonfinite = int((~torch.isfinite(q) & mask).sum())

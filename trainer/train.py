@@ -309,7 +309,9 @@ def setup(cfg: Config, d: Dist, pool) -> Trainer:
     return t
 
 
-def _adamw(model: nn.Module, *, lr: float, weight_decay: float, logit_scale_lr: float = 0.0) -> torch.optim.AdamW:
+def _adamw(
+    model: nn.Module, *, lr: float, weight_decay: float, logit_scale_lr: float = 0.0
+) -> torch.optim.AdamW:
     """AdamW with its fused kernel: one call over all parameters instead of a dozen ops per parameter (a CPU step
     of the 1M-parameter demo model: ~2 ms instead of ~13 ms, a few % of a pass). Same update up to rounding.
     A PRM's logit scale gets its own learning rate and no weight decay (decay would pull it toward 0, i.e.
