@@ -139,7 +139,7 @@ class PRMConfig:
     """The first iterations train only the PRM on the starting policy's labelled samples (rollout, verify,
     filter, reference, PRM update; no policy update), before train.iterations RL iterations; eval.every counts
     from their end. Not in PRIME's recipe, where the PRM starts as the SFT model: see
-    benchmarks/results/prime_vs_rloo.md."""
+    benchmarks/results/prime_vs_rloo_no_scale.md."""
 
 
 @dataclass
