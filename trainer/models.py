@@ -66,8 +66,8 @@ def init_distributed() -> tuple[int, int, torch.device]:
 class HeadlessLM(nn.Module):
     """An HF causal LM whose forward returns `head(hidden [N, D], lm_head.weight [V, D], lm_head.bias)`.
 
-    logit_scale=True adds a trained scalar s (starting at 1) that multiplies the hidden rows going into the head,
-    i.e. the logits (lm_head has no bias where it is used: the PRM of prm.logit_scale_lr)."""
+    logit_scale=True adds a trained scalar s (starting at 1) that multiplies the hidden rows going into the head:
+    the logits s * h W^T of a bias-free lm_head (the PRM of prm.logit_scale_lr; with a bias, s leaves it out)."""
 
     def __init__(self, lm: nn.Module, *, logit_scale: bool = False) -> None:
         super().__init__()
