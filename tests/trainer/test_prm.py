@@ -285,3 +285,24 @@ def test_prm_update_before_takes_rewards_from_the_updated_prm(group_of_one):
     assert (q_after - q_during).abs().max() > 1e-3, (
         "the update must change q for this test to tell the orders apart"
     )
+
+
+def test_logit_scale_gets_its_own_learning_rate_and_no_weight_decay():
+    """train._adamw: Adam's first step moves each parameter by lr * sign(grad) (bias-corrected moments), so with a
+    gradient of +2 on s = 1 the scale must land on 1 - 3e-2 exactly (no decay toward 0), the body weights by
+    1e-4 (times their decay)."""
+    from fastprime.trainer.models import HeadlessLM
+    from fastprime.trainer.train import _adamw
+
+    model = HeadlessLM(build_tiny_model(build_tokenizer(), seed=0), logit_scale=True)
+    opt = _adamw(model, lr=1e-4, weight_decay=0.1, logit_scale_lr=3e-2)
+    w = model.lm.model.norm.weight
+    w_before = w.detach().clone()
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    model.logit_scale.grad.fill_(2.0)
+    w.grad.fill_(-1.0)
+    opt.step()
+    assert float(model.logit_scale.detach()) == pytest.approx(1.0 - 3e-2, abs=1e-6)
+    expected = w_before * (1 - 1e-4 * 0.1) + 1e-4  # decoupled decay, then -lr * sign(-1)
+    torch.testing.assert_close(w.detach(), expected, atol=1e-7, rtol=0)
