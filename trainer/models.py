@@ -72,8 +72,7 @@ class HeadlessLM(nn.Module):
     def __init__(self, lm: nn.Module, *, logit_scale: bool = False) -> None:
         super().__init__()
         self.lm = lm
-        device = next(lm.parameters()).device
-        self.logit_scale = nn.Parameter(torch.ones(1, device=device)) if logit_scale else None
+        self.logit_scale = nn.Parameter(torch.ones(1, device=lm.device)) if logit_scale else None
 
     def forward(
         self, input_ids: Tensor, position_ids: Tensor, head: Callable[..., Any], rows: Tensor | None = None
