@@ -4,7 +4,8 @@ the table: in torch 2.13 it has no backward on CPU ("FlexAttention does not supp
 
 Run: OMP_NUM_THREADS=1 python benchmarks/bench_packed_attention.py [--repeats 7]
 Prints a markdown table of forward+backward milliseconds (min over repeats: the machine may be shared) for the
-demo model's attention shape (4 query / 2 KV heads of 32) at several micro-batch sizes and length mixes.
+demo model's attention shape (4 query / 2 KV heads of 32) at several micro-batch sizes and length mixes, plain
+sequences and responses sharing a packed prompt (trainer/packing.py).
 """
 
 from __future__ import annotations
@@ -21,16 +22,22 @@ from fastprime.trainer.attention import choose_strategy, packed_causal_attention
 H, HKV, D = 4, 2, 32
 
 
-def dense_mask(lengths: list[int]) -> torch.Tensor:
-    seg = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
-    n = seg.shape[0]
-    causal = torch.ones(n, n, dtype=torch.bool).tril()
-    return (causal & (seg[:, None] == seg[None, :]))[None, None]
+def dense_mask(segments: list[tuple[int, int]]) -> torch.Tensor:
+    """[1, 1, N, N]: each token sees its own segment's causal past and, in a continuation, its prompt's first p."""
+    n = sum(L for L, _ in segments)
+    mask = torch.zeros(n, n, dtype=torch.bool)
+    start = root = 0
+    for L, p in segments:
+        root = start if p == 0 else root
+        mask[start : start + L, start : start + L] = torch.ones(L, L, dtype=torch.bool).tril()
+        mask[start : start + L, root : root + p] = True
+        start += L
+    return mask[None, None]
 
 
-def run_dense(q, k, v, lengths, scale):
+def run_dense(q, k, v, segments, scale):
     return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=dense_mask(lengths), scale=scale, enable_gqa=True
+        q, k, v, attn_mask=dense_mask(segments), scale=scale, enable_gqa=True
     )
 
 
@@ -52,6 +59,15 @@ def lengths_for(tokens: int, lo: int, hi: int, seed: int = 0) -> list[int]:
     return out
 
 
+def shared_for(tokens: int, prompt: int, lo: int, hi: int, k: int = 4, seed: int = 0) -> list[tuple[int, int]]:
+    """Groups as the trainer packs a rollout's samples: a prompt with its first response, k - 1 continuations."""
+    rng, out = random.Random(seed), []
+    while sum(L for L, _ in out) + prompt + k * hi <= tokens:
+        out.append((prompt + rng.randint(lo, hi), 0))
+        out += [(rng.randint(lo, hi), prompt) for _ in range(k - 1)]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=7)
@@ -64,18 +80,20 @@ def main() -> None:
         "padded": lambda q, k, v, L, s: packed_causal_attention(q, k, v, L, scale=s, strategy="padded"),
     }
     print(f"threads {torch.get_num_threads()}, fwd+bwd ms (min of {args.repeats})\n")
-    print("| tokens | seq lengths | seqs | " + " | ".join(methods) + " | auto picks |")
+    print("| tokens | segment lengths | segments | " + " | ".join(methods) + " | auto picks |")
     print("|---" * (len(methods) + 4) + "|")
     for tokens in (256, 1024, 4096):
-        for lo, hi in ((40, 160), (90, 100)):
-            lengths = lengths_for(tokens, lo, hi)
-            n = sum(lengths)
+        layouts = [(f"{lo}-{hi}", [(L, 0) for L in lengths_for(tokens, lo, hi)]) for lo, hi in ((40, 160), (90, 100))]
+        if tokens >= 1024:  # the vs-TRL benchmark's shape: 4 samples of ~30 tokens after a ~35-token prompt
+            layouts.append(("35 + 4 x 20-40 shared", shared_for(tokens, 35, 20, 40)))
+        for name, segments in layouts:
+            n = sum(L for L, _ in segments)
             g = torch.Generator().manual_seed(0)
             q = torch.randn(1, H, n, D, generator=g)
             k, v = (torch.randn(1, HKV, n, D, generator=g) for _ in range(2))
-            ms = [timed(fn, q, k, v, lengths, args.repeats) for fn in methods.values()]
+            ms = [timed(fn, q, k, v, segments, args.repeats) for fn in methods.values()]
             cells = " | ".join(f"{m:.2f}" for m in ms)
-            print(f"| {n} | {lo}-{hi} | {len(lengths)} | {cells} | {choose_strategy(lengths)} |", flush=True)
+            print(f"| {n} | {name} | {len(segments)} | {cells} | {choose_strategy(segments)} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -89,10 +89,17 @@ def attention_width(config) -> int:
 def forward_flops(config, seq_lens: Sequence[int], *, head_tokens: int | None = None) -> int:
     """Model FLOPs of one causal forward over sequences of `seq_lens` tokens (padded or packed alike: each
     sequence attends within itself), the lm_head on `head_tokens` rows (default: every token)."""
+    return packed_flops(config, [(n, 0) for n in seq_lens], head_tokens=head_tokens)
+
+
+def packed_flops(config, segments: Sequence[tuple[int, int]], *, head_tokens: int | None = None) -> int:
+    """Model FLOPs of one forward over packed segments (tokens n, prefix p; packing.segments): the body over every
+    token, attention from each of a segment's tokens to its p prompt tokens and its causal past, the lm_head on
+    `head_tokens` rows (default: every token)."""
     body, head = matmul_params(config)
-    tokens = sum(seq_lens)
+    tokens = sum(n for n, _ in segments)
     head_tokens = tokens if head_tokens is None else head_tokens
-    context = sum(L * (L + 1) // 2 for L in seq_lens)  # causal: token t attends to t + 1 keys
+    context = sum(n * p + n * (n + 1) // 2 for n, p in segments)  # causal: token t attends to t + 1 keys
     return 2 * body * tokens + 2 * head * head_tokens + 4 * attention_width(config) * context
 
 

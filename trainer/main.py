@@ -33,7 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     rank, world, device = init_distributed()
     # Progress messages of the pieces (warm start, verifiers) on rank 0's console.
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
-    d = Dist(rank=rank, world=world, device=device, token_budget=cfg.train.micro_batch_tokens)
+    # sdpa/eager run as trainer/attention.py's packed backend, which reads shared prompts from the positions;
+    # transformers' flash-attn varlen path does not (packing.py)
+    share = cfg.model.attn_implementation in ("sdpa", "eager")
+    d = Dist(
+        rank=rank, world=world, device=device, token_budget=cfg.train.micro_batch_tokens, share_prompts=share
+    )
     try:
         train(cfg, d)
         if dist.is_initialized():  # a vllm engine's shutdown already ended the group (after its own barrier)

@@ -77,13 +77,12 @@ class HeadlessLM(nn.Module):
     def forward(
         self, input_ids: Tensor, position_ids: Tensor, head: Callable[..., Any], rows: Tensor | None = None
     ) -> Any:
-        """input_ids, position_ids [1, N] packed (position_ids restart at 0 per sequence); rows [M]: only these
-        hidden rows go into the head (the positions with a target), else all N."""
+        """input_ids, position_ids [1, N] packed (packing.py: positions restart at 0 per sequence, at P per further
+        response to a shared prompt); rows [M]: these hidden rows go into the head (the positions with a target,
+        repeated where responses share a prompt's last token), else all N."""
         kwargs = {}
-        if (
-            self.lm.config._attn_implementation == packed_attention.NAME
-        ):  # sequence bounds once, not per layer
-            kwargs["packed_lengths"] = packed_attention.sequence_lengths_from_positions(position_ids)
+        if self.lm.config._attn_implementation == packed_attention.NAME:  # segment bounds once, not per layer
+            kwargs["packed_segments"] = packed_attention.segments_from_positions(position_ids)
         out = self.lm.model(input_ids=input_ids, position_ids=position_ids, use_cache=False, **kwargs)
         lm_head = self.lm.lm_head
         hidden = out.last_hidden_state[0]

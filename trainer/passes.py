@@ -23,23 +23,20 @@ from torch.distributed.tensor import DTensor
 
 from fastprime.kernels import linear_logprobs
 from fastprime.trainer.batch import Batch
-from fastprime.trainer.flops import sequence_flops
-from fastprime.trainer.packing import (
-    PackedMicroBatch,
-    rank_micro_batches,
-    sequence_lengths,
-    split_across_ranks,
-)
+from fastprime.trainer.flops import packed_flops
+from fastprime.trainer.packing import PackedMicroBatch, plan_micro_batches, rank_micro_batches, segments
 
 
 @dataclass
 class Dist:
-    """Where this process sits: rank, world size, device, and the per-rank micro-batch token budget."""
+    """Where this process sits: rank, world size, device; and how it packs micro-batches: the per-rank token budget,
+    and whether responses share their prompt (packing.py; not on transformers' flash-attn varlen path)."""
 
     rank: int
     world: int
     device: torch.device
     token_budget: int
+    share_prompts: bool = True
 
 
 def all_sum(x: Tensor) -> Tensor:
@@ -58,16 +55,27 @@ def micro_batches(batch: Batch, seqs: list[int], d: Dist) -> list[PackedMicroBat
         token_budget=d.token_budget,
         rank=d.rank,
         world_size=d.world,
+        share_prompts=d.share_prompts,
         device=d.device,
     )
 
 
 def own_flops(model: nn.Module, batch: Batch, seqs: list[int], d: Dist) -> int:
-    """Model FLOPs (flops.py) of one forward of `model` over this rank's share of `seqs`, the share that
-    `micro_batches` packs for it (fillers carry no weight and are not counted): per rank, its own tokens."""
-    own = split_across_ranks(sequence_lengths(batch.prompts, batch.responses), seqs, d.world)[d.rank]
-    prompt_lens, response_lens = [len(batch.prompts[i]) for i in own], [len(batch.responses[i]) for i in own]
-    return sequence_flops(model.lm.config, prompt_lens, response_lens)
+    """Model FLOPs (flops.py) of one forward of `model` over this rank's share of `seqs` as `micro_batches` packs
+    it (shared prompts once per micro-batch; fillers carry no weight and are not counted)."""
+    plan = plan_micro_batches(
+        batch.prompts, batch.responses, seqs, token_budget=d.token_budget, world_size=d.world,
+        share_prompts=d.share_prompts,
+    )[d.rank]  # fmt: skip
+    return sum(
+        packed_flops(
+            model.lm.config,
+            segments(batch.prompts, batch.responses, mb, share_prompts=d.share_prompts),
+            head_tokens=sum(len(batch.responses[i]) for i in mb),
+        )
+        for mb in plan
+        if mb
+    )
 
 
 def padded(batch: Batch, device: torch.device) -> Tensor:

@@ -99,7 +99,7 @@ def policy_pass(
                     mb.head_to_padded(st.logp.detach(), forward_logp)
                 total += loss.detach()  # loss and stats stay on the device: one host sync per mini-batch
                 if not mb.filler:
-                    sums += _weighted_stats(st, names, mb.response_mask.sum())
+                    sums += _weighted_stats(st, names, mb.head_mask.sum())
                     tokens += mb.num_tokens
             total = float(all_sum(total)) / d.world
             losses.append(total)

@@ -34,12 +34,14 @@ def cpu_only():
 
 
 def _random_batch(vocab: int) -> Batch:
-    """Six random prompt/response pairs in groups of k = 2 with fixed outcome labels."""
+    """Six random responses in groups of k = 2 (each group's two share their prompt, as a rollout's do, so passes
+    pack the prompt once: packing.py) with fixed outcome labels."""
     g = torch.Generator().manual_seed(7)
     prompts = [
         torch.randint(6, vocab, (int(torch.randint(2, 7, (1,), generator=g)),), generator=g).tolist()
-        for _ in range(6)
+        for _ in range(3)
     ]
+    prompts = [p for p in prompts for _ in range(2)]
     responses = [
         torch.randint(6, vocab, (int(torch.randint(1, 10, (1,), generator=g)),), generator=g).tolist()
         for _ in range(6)

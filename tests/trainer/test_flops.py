@@ -17,7 +17,7 @@ from transformers import GPT2Config, Qwen2Config, Qwen2MoeConfig
 
 from fastprime.trainer import attention as packed_attention
 from fastprime.trainer.demo import build_tiny_model, build_tokenizer
-from fastprime.trainer.flops import bf16_peak, forward_flops, sequence_flops
+from fastprime.trainer.flops import bf16_peak, forward_flops, packed_flops, sequence_flops
 from fastprime.trainer.metrics import model_flops_rates, read_metrics
 from fastprime.trainer.models import HeadlessLM
 from fastprime.trainer.packing import pack
@@ -92,6 +92,25 @@ def test_packed_forward_matches_flop_counter():
     assert attention == 4 * 4 * 128 * sum(L * L for L in lengths)  # 4 layers, H*hd = 128: the full squares
 
 
+def test_shared_prompt_forward_matches_flop_counter():
+    """Three responses to one 3-token prompt and a lone sequence: the prompt's tokens run once (packing.py)."""
+    tok = build_tokenizer()
+    lm = build_tiny_model(tok, seed=0)
+    lm.config._attn_implementation = packed_attention.register()
+    prompts = [[3, 4, 5]] * 3 + [[6, 7]]
+    responses = [[12, 13, 14, 15], [16, 17, 18], [19, 20], [21, 22]]
+    mb = pack(prompts, responses, [0, 1, 2, 3])
+    assert mb.num_tokens == (3 + 3 + 2 + 1) + (2 + 1)  # not 6 + 5 + 4 + 3: the prompt is packed once
+    linear, attention = _counted(
+        lambda: HeadlessLM(lm)(mb.input_ids, mb.position_ids, lambda h, w, b: h @ w.T, mb.pos)
+    )
+    # segments (tokens, prefix): prompt + first response (6, 0), then (2, 3) and (1, 3), the lone one (3, 0)
+    model = packed_flops(lm.config, [(6, 0), (2, 3), (1, 3), (3, 0)], head_tokens=4 + 3 + 2 + 2)
+    # the counter sees each continuation's full n x (p + n) mask rectangle: n(n-1)/2 entries above its diagonal
+    assert linear + attention == model + _masked(lm, [6, 2, 1, 3])
+    assert attention == 4 * 4 * 128 * (6 * 6 + 2 * 5 + 1 * 4 + 3 * 3)
+
+
 def test_padded_hf_forward_matches_flop_counter():
     """transformers' own forward over a [B, L] batch: the head on every token, one L x L square per row."""
     lm = build_tiny_model(build_tokenizer(), seed=0)
@@ -117,17 +136,24 @@ def test_generation_matches_flop_counter():
 
 
 def test_per_rank_flops_are_each_ranks_packed_sequences(random_batch):
-    """With two ranks each counts the sequences its own micro-batches pack (fillers excluded); together, one
-    process's count."""
+    """With two ranks each counts what its own micro-batches pack (fillers excluded); together, one process's count
+    when both split the same way (every group whole on one rank)."""
     lm = build_tiny_model(build_tokenizer(), seed=0)
     model, batch, seqs = HeadlessLM(lm), random_batch(lm.config.vocab_size), [0, 2, 3, 5]
     per_rank = []
     for rank in (0, 1):
         d = Dist(rank=rank, world=2, device=torch.device("cpu"), token_budget=24)
-        packed = [i for mb in micro_batches(batch, seqs, d) if not mb.filler for i in mb.seqs]
-        lens = [len(batch.prompts[i]) for i in packed], [len(batch.responses[i]) for i in packed]
+        packed = [mb for mb in micro_batches(batch, seqs, d) if not mb.filler]
+        want = sum(
+            packed_flops(
+                lm.config,
+                packed_attention.segments_from_positions(mb.position_ids),
+                head_tokens=mb.head_targets.numel(),
+            )
+            for mb in packed
+        )
         per_rank.append(own_flops(model, batch, seqs, d))
-        assert per_rank[-1] == sequence_flops(lm.config, *lens), rank
+        assert per_rank[-1] == want, rank
     assert per_rank[0] > 0 and per_rank[1] > 0
     one = own_flops(model, batch, seqs, Dist(rank=0, world=1, device=torch.device("cpu"), token_budget=24))
     assert sum(per_rank) == one
@@ -166,11 +192,14 @@ def test_cpu_run_logs_model_tflops_and_no_mfu(tmp_path):
     assert not [k for k in rec if k.endswith("_mfu")]
     for phase in ("rollout", "logprob_old", "logprob_ref", "prm"):
         assert rec[f"perf/{phase}_tflops"] > 0, phase
-    # one process, one rollout round (no filter), reference = policy architecture: the rollout generated exactly
-    # the sequences the no-grad passes read; the PRM (update 'after') and the policy train on them: 3x
+    # one process, one rollout round (no filter), reference = policy architecture: the no-grad passes read the
+    # sequences the rollout generated, each prompt once per group (the HF engine prefills it per sample); the
+    # PRM (update 'after') trains in the reference pass's mini-batches: 3x. The policy's shuffled mini-batches
+    # split groups, so fewer responses share a packed prompt than in the old-log-prob pass over the whole batch.
     fwd = rec["perf/logprob_old_flops"]
-    assert rec["perf/rollout_flops"] == rec["perf/logprob_ref_flops"] == fwd
-    assert rec["perf/prm_flops"] == rec["perf/policy_flops"] == 3 * fwd
+    assert fwd <= rec["perf/logprob_ref_flops"] < rec["perf/rollout_flops"]
+    assert rec["perf/prm_flops"] == 3 * rec["perf/logprob_ref_flops"]
+    assert 3 * fwd <= rec["perf/policy_flops"] < 3 * rec["perf/rollout_flops"]
 
 
 @pytest.mark.gpu

@@ -21,15 +21,27 @@ def _run(lm, mb, head_of, compact: bool):
 
 
 def _per_token(mb, compact: bool, padded: torch.Tensor) -> torch.Tensor:
-    return mb.head_from_padded(padded) if compact else mb.from_padded(padded)
+    """[M] at the head rows, or [N] over every packed row (0 off the response positions)."""
+    return mb.head_from_padded(padded) if compact else _all_rows(mb, mb.head_from_padded(padded), 0)
+
+
+def _all_rows(mb, values: torch.Tensor, fill) -> torch.Tensor:
+    """[N] with the head rows' values at their packed positions (unique without shared prompts), `fill` elsewhere."""
+    out = torch.full((mb.num_tokens,), fill, dtype=values.dtype)
+    out[mb.pos] = values
+    return out
 
 
 def test_response_rows_only_equal_all_rows(random_batch):
     tok = build_tokenizer()
     lm = build_tiny_model(tok, seed=3)
     batch = random_batch(len(tok))
-    mb = rank_micro_batches(batch.prompts, batch.responses, list(range(batch.n)), token_budget=4096)[0]
-    assert mb.head_targets.numel() < mb.targets.numel(), "the prompts must add rows the head can skip"
+    # without shared prompts every head row is a distinct packed position, so "every row" is well defined
+    mb = rank_micro_batches(
+        batch.prompts, batch.responses, list(range(batch.n)), token_budget=4096, share_prompts=False
+    )[0]
+    assert mb.head_targets.numel() < mb.num_tokens, "the prompts must add rows the head can skip"
+    targets, seq_ids = _all_rows(mb, mb.head_targets, -100), _all_rows(mb, mb.head_seq_ids, -1)
     g = torch.Generator().manual_seed(0)
     old, adv, ref = (torch.randn(batch.mask.shape, generator=g) * batch.mask for _ in range(3))
     labels = batch.acc
@@ -38,7 +50,7 @@ def test_response_rows_only_equal_all_rows(random_batch):
         tgt, sid, mask = (
             (mb.head_targets, mb.head_seq_ids, mb.head_mask)
             if compact
-            else (mb.targets, mb.seq_ids, mb.response_mask)
+            else (targets, seq_ids, targets != -100)
         )
         w = aggregation_weights(mask, sid, "seq-mean-token-mean")
         o, a, r = (_per_token(mb, compact, x) for x in (old, adv, ref))
@@ -47,12 +59,12 @@ def test_response_rows_only_equal_all_rows(random_batch):
         )
 
     def prm(mb, compact):
-        tgt, sid = (mb.head_targets, mb.head_seq_ids) if compact else (mb.targets, mb.seq_ids)
+        tgt, sid = (mb.head_targets, mb.head_seq_ids) if compact else (targets, seq_ids)
         r = _per_token(mb, compact, ref)
         return lambda h, wt, b: linear_prm_loss(h, wt, tgt, r, sid, labels, beta=0.5, bias=b)
 
     def logprobs(mb, compact):
-        tgt = mb.head_targets if compact else mb.targets
+        tgt = mb.head_targets if compact else targets
         return lambda h, wt, b: linear_logprobs(h, wt, tgt, bias=b, temperature=0.8, return_entropy=True)
 
     for name, head_of in (("ppo", ppo), ("prm", prm), ("logprobs", logprobs)):

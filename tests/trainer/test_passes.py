@@ -40,7 +40,7 @@ def _many_sequences(vocab: int, n: int = 18) -> Batch:
     rand = lambda lo, hi: torch.randint(
         6, vocab, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g
     )
-    prompts = [rand(3, 9).tolist() for _ in range(n)]
+    prompts = [p for p in (rand(3, 9).tolist() for _ in range(n // 2)) for _ in range(2)]  # groups share one
     responses = [rand(2, 12).tolist() for _ in range(n)]
     return Batch(prompts, responses, torch.zeros(n), torch.zeros(n, dtype=torch.bool), k=2)
 
@@ -66,6 +66,7 @@ def test_packed_attention_logprobs_equal_each_sequence_alone(group_of_one, monke
 
 
 def test_choose_strategy_by_count_and_waste():
-    assert attention.choose_strategy([100] * 4) == "per_sequence"
-    assert attention.choose_strategy([100] * 40) == "padded"
-    assert attention.choose_strategy([10] * 39 + [400]) == "per_sequence"
+    assert attention.choose_strategy([(100, 0)] * 4) == "per_sequence"
+    assert attention.choose_strategy([(100, 0)] * 40) == "padded"
+    assert attention.choose_strategy([(10, 0)] * 39 + [(400, 0)]) == "per_sequence"
+    assert attention.choose_strategy([(60, 0), (30, 30), (30, 30), (30, 30)] * 10) == "padded"
