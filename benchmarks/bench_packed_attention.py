@@ -59,7 +59,9 @@ def lengths_for(tokens: int, lo: int, hi: int, seed: int = 0) -> list[int]:
     return out
 
 
-def shared_for(tokens: int, prompt: int, lo: int, hi: int, k: int = 4, seed: int = 0) -> list[tuple[int, int]]:
+def shared_for(
+    tokens: int, prompt: int, lo: int, hi: int, k: int = 4, seed: int = 0
+) -> list[tuple[int, int]]:
     """Groups as the trainer packs a rollout's samples: a prompt with its first response, k - 1 continuations."""
     rng, out = random.Random(seed), []
     while sum(L for L, _ in out) + prompt + k * hi <= tokens:
@@ -83,7 +85,9 @@ def main() -> None:
     print("| tokens | segment lengths | segments | " + " | ".join(methods) + " | auto picks |")
     print("|---" * (len(methods) + 4) + "|")
     for tokens in (256, 1024, 4096):
-        layouts = [(f"{lo}-{hi}", [(L, 0) for L in lengths_for(tokens, lo, hi)]) for lo, hi in ((40, 160), (90, 100))]
+        layouts = [
+            (f"{lo}-{hi}", [(L, 0) for L in lengths_for(tokens, lo, hi)]) for lo, hi in ((40, 160), (90, 100))
+        ]
         if tokens >= 1024:  # the vs-TRL benchmark's shape: 4 samples of ~30 tokens after a ~35-token prompt
             layouts.append(("35 + 4 x 20-40 shared", shared_for(tokens, 35, 20, 40)))
         for name, segments in layouts:

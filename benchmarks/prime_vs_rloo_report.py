@@ -31,7 +31,9 @@ def read_records(path: str | pathlib.Path) -> list[dict]:
     renumbered from 1, so that runs compare at equal policy updates."""
     records = [json.loads(ln) for ln in pathlib.Path(path).read_text().splitlines() if ln.strip()]
     warmup = sum(1 for r in records if r.get("prm/warmup"))
-    return [{**r, "step": r["step"] - warmup} if r["step"] > 0 else r for r in records if not r.get("prm/warmup")]
+    return [
+        {**r, "step": r["step"] - warmup} if r["step"] > 0 else r for r in records if not r.get("prm/warmup")
+    ]
 
 
 def series(records: list[dict], key: str) -> dict[int, float]:

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from fastprime.kernels import linear_logprobs
+from fastprime.trainer import attention as packed_attention
 from fastprime.trainer.demo import build_tiny_model, build_tokenizer
 from fastprime.trainer.models import HeadlessLM
-from fastprime.trainer import attention as packed_attention
 from fastprime.trainer.packing import (
     bin_by_budget,
     pack,
