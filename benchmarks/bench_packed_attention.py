@@ -1,5 +1,6 @@
 """Packed-micro-batch attention on CPU: the dense block-diagonal mask (transformers' sdpa path) against
-per-sequence SDPA and length-padded SDPA (trainer/attention.py). Flex attention with a document mask is not in
+trainer/attention.py's calls per sequence or prompt group, and against length-padded SDPA (all sequences gathered
+into one [S, H, L_max, d] batch: the strategy attention.py had until it measured slower everywhere). Flex attention with a document mask is not in
 the table: in torch 2.13 it has no backward on CPU ("FlexAttention does not support backward on CPU").
 
 Run: OMP_NUM_THREADS=1 python benchmarks/bench_packed_attention.py [--repeats 7]
@@ -17,7 +18,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from fastprime.trainer.attention import choose_strategy, packed_causal_attention
+from fastprime.trainer import attention
+from fastprime.trainer.attention import packed_causal_attention
 
 H, HKV, D = 4, 2, 32
 
@@ -39,6 +41,31 @@ def run_dense(q, k, v, segments, scale):
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=dense_mask(segments), scale=scale, enable_gqa=True
     )
+
+
+def run_padded(q, k, v, segments, scale):
+    """Plain sequences only: gathered into one [S, H, L_max, d] batch, padding after each sequence's tokens (where
+    causal attention never looks from a real query), one is_causal call, rows gathered back."""
+    lengths = torch.tensor([L for L, _ in segments])
+    L_max = int(lengths.max())
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)[:-1]])
+    col = torch.arange(L_max)
+    valid = col[None, :] < lengths[:, None]
+    idx = starts[:, None] + torch.minimum(col[None, :], lengths[:, None] - 1)
+    batch = lambda x: x[0][:, idx].transpose(0, 1)  # noqa: E731
+    out = F.scaled_dot_product_attention(
+        batch(q), batch(k), batch(v), is_causal=True, scale=scale, enable_gqa=True
+    )
+    return out.transpose(0, 1)[:, valid][None]
+
+
+def run_per_segment(q, k, v, segments, scale):
+    """attention.py with every prompt group over its mask cap: one call per segment."""
+    cap, attention.GROUP_MASK_MAX_TOKENS = attention.GROUP_MASK_MAX_TOKENS, 0
+    try:
+        return packed_causal_attention(q, k, v, segments, scale=scale)
+    finally:
+        attention.GROUP_MASK_MAX_TOKENS = cap
 
 
 def timed(fn, q, k, v, lengths, repeats: int) -> float:
@@ -76,28 +103,39 @@ def main() -> None:
     args = ap.parse_args()
     methods = {
         "dense mask": run_dense,
-        "per-sequence": lambda q, k, v, L, s: packed_causal_attention(
-            q, k, v, L, scale=s, strategy="per_sequence"
+        # the masks a forward builds once and its layers share (PackedLayout), built here before the timing
+        "attention.py": lambda q, k, v, segments, s: packed_causal_attention(
+            q, k, v, segments, scale=s, masks=masks
         ),
-        "padded": lambda q, k, v, L, s: packed_causal_attention(q, k, v, L, scale=s, strategy="padded"),
+        "per segment": run_per_segment,
+        "padded": run_padded,
     }
     print(f"threads {torch.get_num_threads()}, fwd+bwd ms (min of {args.repeats})\n")
-    print("| tokens | segment lengths | segments | " + " | ".join(methods) + " | auto picks |")
-    print("|---" * (len(methods) + 4) + "|")
+    print("| tokens | segment lengths | segments | " + " | ".join(methods) + " |")
+    print("|---" * (len(methods) + 3) + "|")
     for tokens in (256, 1024, 4096):
         layouts = [
             (f"{lo}-{hi}", [(L, 0) for L in lengths_for(tokens, lo, hi)]) for lo, hi in ((40, 160), (90, 100))
         ]
-        if tokens >= 1024:  # the vs-TRL benchmark's shape: 4 samples of ~30 tokens after a ~35-token prompt
+        if tokens >= 1024:  # groups of 4 responses sharing a prompt; 12 + 10-60: the vs-TRL benchmark's shape
+            layouts.append(("12 + 4 x 10-60 shared", shared_for(tokens, 12, 10, 60)))
             layouts.append(("35 + 4 x 20-40 shared", shared_for(tokens, 35, 20, 40)))
         for name, segments in layouts:
             n = sum(L for L, _ in segments)
             g = torch.Generator().manual_seed(0)
             q = torch.randn(1, H, n, D, generator=g)
             k, v = (torch.randn(1, HKV, n, D, generator=g) for _ in range(2))
-            ms = [timed(fn, q, k, v, segments, args.repeats) for fn in methods.values()]
-            cells = " | ".join(f"{m:.2f}" for m in ms)
-            print(f"| {n} | {name} | {len(segments)} | {cells} | {choose_strategy(segments)} |", flush=True)
+            plain = all(p == 0 for _, p in segments)
+            masks: dict = {}
+            packed_causal_attention(q, k, v, segments, scale=1.0, masks=masks)
+            ms = [
+                None
+                if (plain and fn is run_per_segment) or (not plain and fn is run_padded)
+                else timed(fn, q, k, v, segments, args.repeats)
+                for fn in methods.values()
+            ]
+            cells = " | ".join("-" if m is None else f"{m:.2f}" for m in ms)
+            print(f"| {n} | {name} | {len(segments)} | {cells} |", flush=True)
 
 
 if __name__ == "__main__":

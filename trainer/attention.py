@@ -5,16 +5,13 @@ packed micro-batch of N tokens costs N^2 however short its sequences are (issue 
 1.5x slower per iteration than 1024-token ones). Registered as the attention backend "fastprime_packed", this
 attends within each packed sequence only. A sequence may be split into segments (packing.py): a prompt packed once
 with its first response, then each further response to it, whose positions start at P and which attends to the
-prompt's first P tokens and then causally to itself. Two exact strategies:
+prompt's first P tokens and then causally to itself.
 
-- "per_sequence": one `scaled_dot_product_attention` per segment (is_causal; a continuation gets the prompt's keys
-  in front and a bottom-right-aligned causal mask): sum of L_i (p_i + L_i) work, one call each.
-- "padded": the segments gathered into a [S, H, L_max, d] batch, one SDPA call, rows gathered back. Plain
-  sequences use is_causal, exact because the padding sits after each sequence's tokens, where causal attention
-  never looks from a real query; continuations take their prompt's keys in front and an explicit mask. Costs
-  S * L_max * (p + L)_max and the gathers, which wins when the segments are many, short and alike.
-
-`choose_strategy` picks by cost (measured on CPU: benchmarks/bench_packed_attention.py and its results file).
+One `scaled_dot_product_attention` call per sequence (is_causal) or per prompt group (the prompt and its responses,
+with a [G, G] mask built once per forward and shared by the layers); a group over GROUP_MASK_MAX_TOKENS goes one
+call per segment instead, each response with its prompt's keys in front and a bottom-right-aligned causal mask.
+Gathering the sequences into one length-padded batch (one call, S * L_max^2 work) measured slower at every size
+tried on an idle 2-core CPU, at 1 and 2 threads (benchmarks/results/packed_attention_cpu.md), and was removed.
 On CUDA the trainer keeps transformers' flash_attention_2 varlen path when asked for (it needs no mask; packing
 then lays each prompt out per response, since varlen reads only restarts at 0), else this backend. Without
 packed-sequence boundaries (no position_ids, e.g. a plain single sequence) it is causal attention over the whole
@@ -23,17 +20,30 @@ input.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 NAME = "fastprime_packed"
-STRATEGIES = ("per_sequence", "padded")
-# Padded SDPA pays S * L_max^2 plus gathers; per-sequence pays one call per sequence. Measured on a 2-core CPU
-# (benchmarks/results/packed_attention_cpu.md): padded wins once the segments are numerous and the padding waste
-# (S * L_max * (p + L)_max over sum L_i (p_i + L_i)) is small.
-PADDED_MIN_SEQS = 16
-PADDED_MAX_WASTE = 2.5
+# A prompt packed with its responses (packing.py) attends in one call with a [G, G] mask up to this many tokens
+# (4 MiB of mask, built once per forward): fewer, larger calls than one per response, at the price of computing
+# masked-out entries (several times the needed ones for 4 short responses); larger groups go one call per segment.
+GROUP_MASK_MAX_TOKENS = 2048
+
+
+@dataclass
+class PackedLayout:
+    """One packed micro-batch's attention segments, read from its positions once per forward (HeadlessLM), and
+    the masks its layers share."""
+
+    segments: list[tuple[int, int]]
+    masks: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_positions(cls, position_ids: Tensor) -> PackedLayout:
+        return cls(segments_from_positions(position_ids))
 
 
 def segments_from_positions(position_ids: Tensor) -> list[tuple[int, int]]:
@@ -49,44 +59,75 @@ def segments_from_positions(position_ids: Tensor) -> list[tuple[int, int]]:
     return [(b - a, p) for a, b, p in zip(bounds, bounds[1:], first)]
 
 
-def choose_strategy(segments: list[tuple[int, int]]) -> str:
-    """'padded' for many segments of alike size, else 'per_sequence' (see the module constants)."""
-    if len(segments) < PADDED_MIN_SEQS:
-        return "per_sequence"
-    q_max, k_max = max(n for n, _ in segments), max(n + p for n, p in segments)
-    waste = len(segments) * q_max * k_max / sum(n * (n + p) for n, p in segments)
-    return "padded" if waste <= PADDED_MAX_WASTE else "per_sequence"
-
-
 def packed_causal_attention(
     query: Tensor, key: Tensor, value: Tensor, segments: list[tuple[int, int]], *, scale: float,
-    strategy: str = "auto",
+    masks: dict | None = None,
 ) -> Tensor:  # fmt: skip
     """query [1, H, N, d], key/value [1, Hkv, N, d] (H a multiple of Hkv) -> [1, H, N, d], causal per sequence.
 
     segments: (tokens, prefix) in packed order (`segments_from_positions`); a segment with prefix p > 0 also
-    attends to the first p tokens of the last segment with prefix 0, its shared prompt."""
-    if strategy == "auto":
-        strategy = choose_strategy(segments)
-    if strategy not in STRATEGIES:
-        raise ValueError(f"attention strategy {strategy!r} is not one of {STRATEGIES + ('auto',)}")
+    attends to the first p tokens of the last segment with prefix 0, its shared prompt. masks: a cache of the
+    boolean masks it builds, to share across the layers of one forward (PackedLayout)."""
     gqa = query.shape[1] != key.shape[1]
-    lengths = [n for n, _ in segments]
-    if strategy == "padded" and len(segments) > 1:
-        return _padded_attention(query, key, value, segments, scale=scale, gqa=gqa)
-    # split, not one slice per sequence: each slice's backward zero-fills a gradient as large as the whole
+    masks = {} if masks is None else masks
+    groups = _prompt_groups(segments)
+    sizes = [sum(n for n, _ in g) for g in groups]
+    # split, not one slice per group: each slice's backward zero-fills a gradient as large as the whole
     # micro-batch (S sequences: S full-size fills and adds per tensor and layer); split's is one cat
-    outs, masks = [], {}
-    for (n, p), q, k, v in zip(segments, *(x.split(lengths, dim=2) for x in (query, key, value))):
-        if p == 0:
-            prompt_k, prompt_v = k, v
+    outs = []
+    for group, size, q, k, v in zip(groups, sizes, *(x.split(sizes, dim=2) for x in (query, key, value))):
+        if len(group) == 1:
             outs.append(F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa))
+        elif size <= GROUP_MASK_MAX_TOKENS:  # one call for a prompt and all its responses
+            if tuple(group) not in masks:
+                masks[tuple(group)] = _group_mask(group, query.device)
+            mask = masks[tuple(group)]
+            outs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa))
+        else:
+            outs.append(_per_segment(q, k, v, group, scale=scale, gqa=gqa, masks=masks))
+    return torch.cat(outs, dim=2)
+
+
+def _prompt_groups(segments: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
+    """Segments in groups: each starting segment (prefix 0) with the continuations that follow it."""
+    groups: list[list[tuple[int, int]]] = []
+    for n, p in segments:
+        if p == 0 or not groups:
+            groups.append([])
+        groups[-1].append((n, p))
+    return groups
+
+
+def _group_mask(group: list[tuple[int, int]], device: torch.device) -> Tensor:
+    """[G, G] bool over a group's tokens: each token sees its own segment's causal past and, in a continuation
+    with prefix p, the group's first p tokens (its prompt)."""
+    n = torch.tensor([n for n, _ in group], device=device)
+    seg = torch.repeat_interleave(torch.arange(len(group), device=device), n)
+    prefix = torch.tensor([p for _, p in group], device=device)[seg]
+    t = torch.arange(seg.shape[0], device=device)
+    causal_own = (seg[:, None] == seg[None, :]) & (t[None, :] <= t[:, None])
+    return causal_own | (t[None, :] < prefix[:, None])
+
+
+def _per_segment(
+    q: Tensor, k: Tensor, v: Tensor, group: list[tuple[int, int]], *, scale: float, gqa: bool, masks: dict
+) -> Tensor:
+    """A group too large for one [G, G] mask: one call per segment, each continuation with its prompt's keys in
+    front and a bottom-right-aligned causal mask."""
+    lengths = [n for n, _ in group]
+    outs = []
+    for (n, p), q_s, k_s, v_s in zip(group, *(x.split(lengths, dim=2) for x in (q, k, v))):
+        if p == 0:
+            prompt_k, prompt_v = k_s, v_s
+            outs.append(
+                F.scaled_dot_product_attention(q_s, k_s, v_s, is_causal=True, scale=scale, enable_gqa=gqa)
+            )
             continue
         if (n, p) not in masks:
-            masks[n, p] = _continuation_mask(n, p, query.device)
-        k, v = torch.cat([prompt_k[:, :, :p], k], dim=2), torch.cat([prompt_v[:, :, :p], v], dim=2)
+            masks[n, p] = _continuation_mask(n, p, q.device)
+        k_s, v_s = torch.cat([prompt_k[:, :, :p], k_s], dim=2), torch.cat([prompt_v[:, :, :p], v_s], dim=2)
         outs.append(
-            F.scaled_dot_product_attention(q, k, v, attn_mask=masks[n, p], scale=scale, enable_gqa=gqa)
+            F.scaled_dot_product_attention(q_s, k_s, v_s, attn_mask=masks[n, p], scale=scale, enable_gqa=gqa)
         )
     return torch.cat(outs, dim=2)
 
@@ -94,56 +135,6 @@ def packed_causal_attention(
 def _continuation_mask(n: int, p: int, device: torch.device) -> Tensor:
     """[n, p + n] bool: query i (position p + i) sees keys 0 .. p + i (causal, aligned bottom-right)."""
     return torch.arange(p + n, device=device)[None, :] <= p + torch.arange(n, device=device)[:, None]
-
-
-def _padded_attention(
-    query: Tensor, key: Tensor, value: Tensor, segments: list[tuple[int, int]], *, scale: float, gqa: bool
-) -> Tensor:
-    """All segments gathered into one [S, h, L, d] batch and one SDPA call, rows gathered back.
-
-    Without shared prompts it is is_causal SDPA over sequences padded at their ends, where causal attention never
-    looks from a real query. With them, segment s's keys are its prompt's first p tokens then its own, and an
-    explicit mask keeps each query to its causal past and off the padding."""
-    device = query.device
-    q_idx, q_valid = _padded_index([(n, 0) for n, _ in segments], device)
-    if all(p == 0 for _, p in segments):
-        k_idx, mask = q_idx, None
-    else:
-        k_idx, k_valid = _padded_index(segments, device)
-        prefix = torch.tensor([p for _, p in segments], device=device)
-        rows = prefix[:, None] + torch.arange(q_idx.shape[1], device=device)[None, :]  # each query's position
-        cols = torch.arange(k_idx.shape[1], device=device)
-        mask = ((cols[None, None, :] <= rows[:, :, None]) & k_valid[:, None, :])[:, None]  # [S, 1, Lq, Lk]
-
-    def batch(x: Tensor, idx: Tensor) -> Tensor:  # [1, h, N, d] -> [S, h, L, d]
-        return x[0][:, idx].transpose(0, 1)
-
-    out = F.scaled_dot_product_attention(
-        batch(query, q_idx), batch(key, k_idx), batch(value, k_idx), attn_mask=mask, is_causal=mask is None,
-        scale=scale, enable_gqa=gqa,
-    )  # fmt: skip
-    return out.transpose(0, 1)[:, q_valid][None]  # [S, H, L, d] -> [H, N, d] in packed order
-
-
-def _padded_index(segments: list[tuple[int, int]], device: torch.device) -> tuple[Tensor, Tensor]:
-    """(idx [S, L_max]: packed position of each segment's keys, prompt prefix first; padding repeats a real one,
-    valid [S, L_max]) for segments (tokens, prefix)."""
-    starts, root, prev = [], 0, 0
-    for n, p in segments:
-        if p == 0:
-            root = prev
-        starts.append((root, prev, n, p))
-        prev += n
-    L = max(n + p for n, p in segments)
-    col = torch.arange(L, device=device)
-    prompt_start = torch.tensor([r for r, _, _, _ in starts], device=device)
-    own_start = torch.tensor([s for _, s, _, _ in starts], device=device)
-    n = torch.tensor([n for _, _, n, _ in starts], device=device)
-    p = torch.tensor([p for _, _, _, p in starts], device=device)
-    valid = col[None, :] < (n + p)[:, None]
-    c = torch.minimum(col[None, :], (n + p - 1)[:, None])
-    idx = torch.where(c < p[:, None], prompt_start[:, None] + c, own_start[:, None] + c - p[:, None])
-    return idx, valid
 
 
 def packed_attention_forward(
@@ -161,8 +152,8 @@ def packed_attention_forward(
         gqa = query.shape[1] != key.shape[1]
         out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale, enable_gqa=gqa)
     else:
-        segments = kwargs.get("packed_segments") or segments_from_positions(position_ids)
-        out = packed_causal_attention(query, key, value, segments, scale=scale)
+        layout = kwargs.get("packed_layout") or PackedLayout.from_positions(position_ids)
+        out = packed_causal_attention(query, key, value, layout.segments, scale=scale, masks=layout.masks)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -82,7 +82,7 @@ class HeadlessLM(nn.Module):
         repeated where responses share a prompt's last token), else all N."""
         kwargs = {}
         if self.lm.config._attn_implementation == packed_attention.NAME:  # segment bounds once, not per layer
-            kwargs["packed_segments"] = packed_attention.segments_from_positions(position_ids)
+            kwargs["packed_layout"] = packed_attention.PackedLayout.from_positions(position_ids)
         out = self.lm.model(input_ids=input_ids, position_ids=position_ids, use_cache=False, **kwargs)
         lm_head = self.lm.lm_head
         hidden = out.last_hidden_state[0]

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from fastprime.trainer.attention import choose_strategy, packed_causal_attention, segments_from_positions
+from fastprime.trainer import attention
+from fastprime.trainer.attention import packed_causal_attention, segments_from_positions
 
 
 def _reference(q, k, v, segments, scale):
@@ -30,9 +31,11 @@ LAYOUTS = {
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("strategy", ["per_sequence", "padded"])
-def test_packed_attention_and_its_gradients_equal_each_sequence_alone(strategy, layout):
+@pytest.mark.parametrize("group_mask", [True, False])
+def test_packed_attention_and_its_gradients_equal_each_sequence_alone(layout, group_mask, monkeypatch):
     segments = LAYOUTS[layout]
+    if not group_mask:  # a group too large for one [G, G] mask goes one call per segment
+        monkeypatch.setattr(attention, "GROUP_MASK_MAX_TOKENS", 0)
     g = torch.Generator().manual_seed(0)
     H, Hkv, N, d = 4, 2, sum(n for n, _ in segments), 8
     q, k, v = (torch.randn(1, h, N, d, generator=g, dtype=torch.float64) for h in (H, Hkv, Hkv))
@@ -46,9 +49,7 @@ def test_packed_attention_and_its_gradients_equal_each_sequence_alone(strategy, 
         return [out.detach().double()] + [x.grad.double() for x in leaves]
 
     want = out_and_grads(lambda *x: _reference(*x, segments, scale), torch.float64)
-    got = out_and_grads(
-        lambda *x: packed_causal_attention(*x, segments, scale=scale, strategy=strategy), torch.float32
-    )
+    got = out_and_grads(lambda *x: packed_causal_attention(*x, segments, scale=scale), torch.float32)
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
 
@@ -57,9 +58,3 @@ def test_segments_from_positions_by_hand():
     # a 3-token prompt with its first response (2 inputs), a second response (1 input), a lone sequence
     pos = torch.tensor([[0, 1, 2, 3, 4, 3, 0, 1]])
     assert segments_from_positions(pos) == [(5, 0), (1, 3), (2, 0)]
-
-
-def test_choose_strategy_by_count_and_padding_waste():
-    assert choose_strategy([(50, 0)] * 4) == "per_sequence"  # few sequences: one call each is cheap
-    assert choose_strategy([(50, 0)] * 32) == "padded"  # many alike: one batched call
-    assert choose_strategy([(1, 0)] * 31 + [(200, 0)]) == "per_sequence"  # padding all to 200: ~30x waste

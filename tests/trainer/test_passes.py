@@ -45,10 +45,12 @@ def _many_sequences(vocab: int, n: int = 18) -> Batch:
     return Batch(prompts, responses, torch.zeros(n), torch.zeros(n, dtype=torch.bool), k=2)
 
 
-@pytest.mark.parametrize("strategy", ["per_sequence", "padded"])
-def test_packed_attention_logprobs_equal_each_sequence_alone(group_of_one, monkeypatch, strategy):
-    """The trainer's packed attention (no dense mask), either strategy, equals each sequence run alone by HF sdpa."""
-    monkeypatch.setattr(attention, "choose_strategy", lambda lengths: strategy)
+@pytest.mark.parametrize("group_mask", [True, False])
+def test_packed_attention_logprobs_equal_each_sequence_alone(group_of_one, monkeypatch, group_mask):
+    """The trainer's packed attention (no dense mask; groups sharing a prompt in one call with a group mask, or
+    one call per segment) equals each sequence run alone by HF sdpa."""
+    if not group_mask:
+        monkeypatch.setattr(attention, "GROUP_MASK_MAX_TOKENS", 0)
     tok = build_tokenizer()
     lm = build_tiny_model(tok, seed=2)
     batch = _many_sequences(len(tok))
@@ -63,10 +65,3 @@ def test_packed_attention_logprobs_equal_each_sequence_alone(group_of_one, monke
             logits = lm(input_ids=torch.tensor([p + r]), use_cache=False).logits[0, len(p) - 1 : -1].double()
             want = F.log_softmax(logits, -1).gather(-1, torch.tensor(r)[:, None])[:, 0]
             torch.testing.assert_close(logp[i, : len(r)].double(), want, atol=2e-5, rtol=0)
-
-
-def test_choose_strategy_by_count_and_waste():
-    assert attention.choose_strategy([(100, 0)] * 4) == "per_sequence"
-    assert attention.choose_strategy([(100, 0)] * 40) == "padded"
-    assert attention.choose_strategy([(10, 0)] * 39 + [(400, 0)]) == "per_sequence"
-    assert attention.choose_strategy([(60, 0), (30, 30), (30, 30), (30, 30)] * 10) == "padded"
