@@ -106,9 +106,12 @@ def test_shared_prompt_forward_matches_flop_counter():
     )
     # segments (tokens, prefix): prompt + first response (6, 0), then (2, 3) and (1, 3), the lone one (3, 0)
     model = packed_flops(lm.config, [(6, 0), (2, 3), (1, 3), (3, 0)], head_tokens=4 + 3 + 2 + 2)
-    # the counter sees each continuation's full n x (p + n) mask rectangle: n(n-1)/2 entries above its diagonal
-    assert linear + attention == model + _masked(lm, [6, 2, 1, 3])
-    assert attention == 4 * 4 * 128 * (6 * 6 + 2 * 5 + 1 * 4 + 3 * 3)
+    # the counter sees every entry of each SDPA call's scores: the 9-token group in one call (a 9 x 9 mask),
+    # the lone sequence 3 x 3; the model count takes the keys each query attends to: 6*7/2 + 2*3 + 2*3/2 + 1*3 + 1
+    # + 3*4/2 = 40
+    width = 4 * 4 * 128  # 4 layers, H*hd = 128
+    assert attention == width * (9 * 9 + 3 * 3)
+    assert linear + attention == model + width * (9 * 9 + 3 * 3 - 40)
 
 
 def test_padded_hf_forward_matches_flop_counter():
