@@ -7,7 +7,12 @@ count fails here; a deliberate change re-records with `FASTPRIME_RECORD_GOLDEN=1
 tests/trainer/test_golden_run.py` and says why in its commit.
 
 The run uses one thread (OMP_NUM_THREADS=1): CPU matmul reductions may sum in another order with more threads,
-and sampling turns a last-bit difference into other tokens.
+and sampling turns a last-bit difference into other tokens. For the same reason it pins torch's vectorised CPU
+kernels to AVX2 (ATEN_CPU_CAPABILITY, MKL_CBWR, ONEDNN_MAX_CPU_ISA): the values recorded on an AVX2 machine came
+out different on an AVX-512 one from the first rollout on (2026-12-04: 80 instead of 88 responses at step 1), and
+with AVX2 kernels on both only one sampled token differed there. What still differs between CPUs (MKL's code
+path by vendor, another architecture) can move the values; then the test fails on the first rollout counts,
+and a re-recording on the new machine says so in its commit.
 """
 
 import json
@@ -24,6 +29,7 @@ REPO = HERE.parents[1]
 CONFIG = HERE / "golden" / "golden_run.yaml"
 RECORDED = HERE / "golden" / "golden_metrics.jsonl"
 UNTIMED_SKIP = ("time/", "perf/", "warmstart/seconds")
+SAME_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 
 
 def _values(path: pathlib.Path) -> list[dict]:
@@ -53,7 +59,13 @@ def _differences(got: list[dict], want: list[dict]) -> list[str]:
 
 
 def test_golden_run_gives_the_recorded_values(tmp_path):
-    env = {**os.environ, **CPU_ONLY_ENV, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **os.environ,
+        **CPU_ONLY_ENV,
+        **SAME_KERNELS,
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     cmd = [sys.executable, str(REPO / "trainer" / "main.py"), "--config", str(CONFIG)]
     cmd += ["--run.output-dir", str(tmp_path), "--run.name", "golden"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
