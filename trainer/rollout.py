@@ -141,12 +141,13 @@ class HFRolloutEngine:
         eos = torch.tensor(self.eos, device=self.device)
         alive = torch.arange(len(rows), device=self.device)  # the rows still decoding, in cache order
         position = positions[:, -1] + 1
-        out: list[list[int]] = [[] for _ in rows]
+        tokens = torch.full((len(rows), self.max_new_tokens), self.pad, dtype=torch.long, device=self.device)
+        lengths = torch.zeros(len(rows), dtype=torch.long, device=self.device)
         for step in range(self.max_new_tokens):
             token = sample_token(logits, temperature=self.temperature, top_p=self.top_p)
-            for i, t in zip(alive.tolist(), token.tolist()):
-                out[i].append(t)
-            going = (~torch.isin(token, eos)).nonzero().squeeze(1)
+            tokens[alive, step] = token
+            lengths[alive] += 1
+            going = (~torch.isin(token, eos)).nonzero().squeeze(1)  # the step's one host sync
             if step == self.max_new_tokens - 1 or len(going) == 0:
                 break
             if len(going) < len(alive):  # drop the finished rows from the batch and the cache
@@ -158,7 +159,10 @@ class HFRolloutEngine:
                 past_key_values=cache,
             ).logits[:, -1]  # fmt: skip
             position = position + 1
-        return [Rollout(r, truncated=r[-1] not in self.eos) for r in out]
+        return [
+            Rollout(row[:n], truncated=row[n - 1] not in self.eos)
+            for row, n in zip(tokens.tolist(), lengths.tolist())
+        ]
 
     @torch.no_grad()
     def sync_weights(self, state_dict: dict[str, Tensor]) -> None:

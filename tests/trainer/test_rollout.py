@@ -101,9 +101,8 @@ def test_decode_loop_equals_full_forwards_while_rows_finish_at_different_steps(s
     be the one that full forwards of each prompt alone give."""
     tok, _ = setup
     lm = build_tiny_model(tok, seed=0)
-    with (
-        torch.no_grad()
-    ):  # larger weights: the untrained model's greedy text would otherwise be one token repeated
+    # larger weights: the untrained model's greedy text would otherwise be one token repeated
+    with torch.no_grad():
         for w in lm.parameters():
             if w.dim() == 2:
                 w.mul_(10)
