@@ -35,7 +35,7 @@ import time
 import pytest
 import torch
 import yaml
-from conftest import RESULTS_DIR, device_name
+from harness import RESULTS_DIR, device_name
 
 from fastprime.trainer.metrics import read_metrics
 
