@@ -140,9 +140,8 @@ def shard_model(
     mp = None
     if mixed_precision and device.type == "cuda":
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    if (
-        dist.get_world_size() == 1 and mp is None
-    ):  # nothing to shard or cast: FSDP would only add hooks and copies
+    if dist.get_world_size() == 1 and mp is None and not offload:
+        # nothing to shard, cast or offload: FSDP would only add hooks and copies
         model.train(trainable)
         return model
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))

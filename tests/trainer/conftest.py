@@ -25,6 +25,16 @@ def group_of_one():
 
 
 @pytest.fixture(scope="module")
+def cuda_group_of_one():
+    """A process group of one on the first GPU (nccl), as the trainer runs on a CUDA host."""
+    device = torch.device("cuda", 0)
+    init = f"tcp://127.0.0.1:{_free_port()}"
+    dist.init_process_group("nccl", init_method=init, rank=0, world_size=1, device_id=device)
+    yield Dist(rank=0, world=1, device=device, token_budget=0)
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
 def cpu_only():
     """For in-process runs of main(): the trainer sees no GPU, so it runs gloo on CPU in fp32 as on a CPU host
     (the test process has already initialised CUDA, so CUDA_VISIBLE_DEVICES cannot do this here)."""

@@ -16,10 +16,10 @@ pytestmark = [
 ]
 
 
-def test_offloaded_model_lives_on_cpu_and_matches_the_gpu_one(group_of_one, random_batch):
+def test_offloaded_model_lives_on_cpu_and_matches_the_gpu_one(cuda_group_of_one, random_batch):
     tok = build_tokenizer()
     lm = build_tiny_model(tok, seed=0)
-    d = group_of_one
+    d = cuda_group_of_one
     kw = dict(device=d.device, mixed_precision=False)
     on_gpu = shard_model(copy.deepcopy(lm), trainable=True, **kw)
     offloaded = shard_model(copy.deepcopy(lm), trainable=True, offload=True, **kw)
