@@ -61,7 +61,8 @@ class HFRolloutEngine:
 
     Its own decode loop over the model's forward and KV cache, not `generate`: `generate` keeps decoding a finished
     response until the longest of the batch ends (on the demo, responses of 35 tokens on average in batches whose
-    longest has 52: a third of the decode work), where this loop drops finished rows from the batch and the cache.
+    longest has 52: a third of the decode work), where this loop drops finished rows from the batch and the cache;
+    and it prefills each prompt once for its n samples, not n times.
 
     eos_token_ids: every id that ends a response (e.g. Qwen's <|im_end|> and <|endoftext|>)."""
 
@@ -121,11 +122,10 @@ class HFRolloutEngine:
         return out
 
     def _generate_chunk(self, prompts: list[list[int]], n: int) -> list[Rollout]:
-        rows = [p for p in prompts for _ in range(n)]  # grouped by prompt, as generate's num_return_sequences
-        width = max(len(p) for p in rows)
-        ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad, dtype=torch.long)
         attn = torch.zeros_like(ids)
-        for i, p in enumerate(rows):  # left padding: every prompt continues from its last real token
+        for i, p in enumerate(prompts):  # left padding: every prompt continues from its last real token
             ids[i, width - len(p) :] = torch.tensor(p)
             attn[i, width - len(p) :] = 1
         ids, attn = ids.to(self.device), attn.to(self.device)
@@ -138,11 +138,16 @@ class HFRolloutEngine:
             past_key_values=cache,
             logits_to_keep=1,
         ).logits[:, -1]
+        # Each prompt is prefilled once, then its cache is copied for its n rows (grouped by prompt, as
+        # generate's num_return_sequences): prefilling every row did the same work n times.
+        cache.batch_repeat_interleave(n)
+        logits, attn = logits.repeat_interleave(n, 0), attn.repeat_interleave(n, 0)
+        position = positions[:, -1].repeat_interleave(n) + 1
+        rows = len(prompts) * n
         eos = torch.tensor(self.eos, device=self.device)
-        alive = torch.arange(len(rows), device=self.device)  # the rows still decoding, in cache order
-        position = positions[:, -1] + 1
-        tokens = torch.full((len(rows), self.max_new_tokens), self.pad, dtype=torch.long, device=self.device)
-        lengths = torch.zeros(len(rows), dtype=torch.long, device=self.device)
+        alive = torch.arange(rows, device=self.device)  # the rows still decoding, in cache order
+        tokens = torch.full((rows, self.max_new_tokens), self.pad, dtype=torch.long, device=self.device)
+        lengths = torch.zeros(rows, dtype=torch.long, device=self.device)
         for step in range(self.max_new_tokens):
             token = sample_token(logits, temperature=self.temperature, top_p=self.top_p)
             tokens[alive, step] = token
@@ -160,8 +165,8 @@ class HFRolloutEngine:
             ).logits[:, -1]  # fmt: skip
             position = position + 1
         return [
-            Rollout(row[:n], truncated=row[n - 1] not in self.eos)
-            for row, n in zip(tokens.tolist(), lengths.tolist())
+            Rollout(row[:length], truncated=row[length - 1] not in self.eos)
+            for row, length in zip(tokens.tolist(), lengths.tolist())
         ]
 
     @torch.no_grad()
