@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from fastprime.trainer.decode import decode, greedy_token
+
 if TYPE_CHECKING:
     from fastprime.trainer.verifiers import VerifierPool
 
@@ -22,43 +24,45 @@ def greedy_responses(
 ) -> list[str]:
     """Greedy completions of chat `prompts` (each a list of messages), decoded without special tokens.
 
-    `model` is an HF model, or a rollout engine with `greedy(prompt_ids, max_new_tokens=)` (the vllm engine).
+    `model` is an HF model, or a rollout engine with `greedy(prompt_ids, max_new_tokens=)` (both engines).
 
-    Prompts go through the tokenizer's chat template with the generation prompt, are left-padded in
-    batches of `batch_size` [b, T_prompt], and each decodes at most `max_new_tokens` tokens, stopping at EOS.
-    The model is put in eval mode for the call and its previous mode restored.
+    Prompts go through the tokenizer's chat template with the generation prompt; an HF model decodes them in
+    batches of `batch_size` through decode.py's loop (argmax, at most `max_new_tokens`, stopping at EOS), in
+    eval mode for the call, its previous mode restored after.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if tokenizer.padding_side != "left":
-        raise ValueError(
-            f"batched greedy decoding needs left padding, tokenizer has {tokenizer.padding_side!r}"
-        )
-    if hasattr(model, "greedy"):  # a rollout engine (vllm) rather than an HF model
+    if hasattr(model, "greedy"):  # a rollout engine rather than an HF model
         return _engine_greedy_responses(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
     was_training = model.training
     model.eval()
-    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
-    out: list[str] = []
+    ids = _prompt_ids(tokenizer, prompts)
+    eos = [tokenizer.eos_token_id]
+    out: list[list[int]] = []
     try:
-        for i in range(0, len(texts), batch_size):
-            enc = tokenizer(
-                texts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
-            ).to(model.device)
-            gen = model.generate(
-                **enc,
-                do_sample=False,
-                max_new_tokens=max_new_tokens,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-            new_ids = gen[:, enc["input_ids"].shape[1] :]
-            out.extend(tokenizer.batch_decode(new_ids, skip_special_tokens=True))
+        for i in range(0, len(ids), batch_size):
+            out += [
+                r.response_ids
+                for r in decode(
+                    model,
+                    ids[i : i + batch_size],
+                    n=1,
+                    max_new_tokens=max_new_tokens,
+                    eos_token_ids=eos,
+                    pad_token_id=tokenizer.pad_token_id,
+                    pick=greedy_token,
+                )  # fmt: skip
+            ]
     finally:
         model.train(was_training)
-    return out
+    return tokenizer.batch_decode(out, skip_special_tokens=True)
+
+
+def _prompt_ids(tokenizer: PreTrainedTokenizerBase, prompts: list[list[dict]]) -> list[list[int]]:
+    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
 
 def _engine_greedy_responses(
@@ -66,9 +70,7 @@ def _engine_greedy_responses(
 ) -> list[str]:
     """The same prompts (same chat template, same token ids) through a rollout engine's `greedy`; the engine
     schedules its own batches and stops at its EOS ids."""
-    ids = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
-    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in ids]
-    out = engine.greedy(ids, max_new_tokens=max_new_tokens)
+    out = engine.greedy(_prompt_ids(tokenizer, prompts), max_new_tokens=max_new_tokens)
     return tokenizer.batch_decode([r.response_ids for r in out], skip_special_tokens=True)
 
 

@@ -186,7 +186,6 @@ def load_tokenizer_and_model(cfg: Config):
         raise SetupError(f"tokenizer of {cfg.model.path!r} has no eos_token: generation could never stop")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    tok.padding_side = "left"  # batched greedy evaluation continues each prompt from its last token
     return tok, lm
 
 

@@ -15,33 +15,26 @@ from __future__ import annotations
 import copy
 import logging
 import pathlib
-from dataclasses import dataclass
+from functools import partial
 from typing import Protocol
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from transformers import DynamicCache, GenerationConfig
+from transformers import GenerationConfig
 
 from fastprime.trainer import attention as packed_attention
 from fastprime.trainer import decode_attention
 from fastprime.trainer.batch import Group
 from fastprime.trainer.config import Config
 from fastprime.trainer.data import Prompt, PromptStream
+from fastprime.trainer.decode import Rollout, decode, greedy_token, sample_token
 from fastprime.trainer.diagnostics import outcome_stats
 from fastprime.trainer.filtering import RefillBuffer, group_filter_mask, prompts_to_sample
 from fastprime.trainer.flops import sequence_flops
 from fastprime.trainer.passes import Dist
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Rollout:
-    """One sampled response: token ids (ending with EOS unless truncated) and whether it hit the length limit."""
-
-    response_ids: list[int]
-    truncated: bool
 
 
 class RolloutEngine(Protocol):
@@ -57,12 +50,8 @@ class RolloutEngine(Protocol):
 
 
 class HFRolloutEngine:
-    """Sampling with an unsharded copy of the policy, a transformers model (temperature, top_p, no top_k, stop at EOS).
-
-    Its own decode loop over the model's forward and KV cache, not `generate`: `generate` keeps decoding a finished
-    response until the longest of the batch ends (on the demo, responses of 35 tokens on average in batches whose
-    longest has 52: a third of the decode work), where this loop drops finished rows from the batch and the cache;
-    and it prefills each prompt once for its n samples, not n times.
+    """Sampling with an unsharded copy of the policy, a transformers model (temperature, top_p, no top_k, stop at EOS),
+    through decode.py's loop (not `generate`: decode.py says why).
 
     eos_token_ids: every id that ends a response (e.g. Qwen's <|im_end|> and <|endoftext|>)."""
 
@@ -113,61 +102,24 @@ class HFRolloutEngine:
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], *, n: int, seed: int) -> list[Rollout]:
         """Sample n responses to each prompt (ids without padding); deterministic given `seed`."""
-        out: list[Rollout] = []
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
-            for start in range(0, len(prompts), self.chunk):
-                out += self._generate_chunk(prompts[start : start + self.chunk], n)
+            pick = partial(sample_token, temperature=self.temperature, top_p=self.top_p)
+            return self._decode(prompts, n=n, max_new_tokens=self.max_new_tokens, pick=pick)
+
+    def _decode(self, prompts: list[list[int]], *, n: int, max_new_tokens: int, pick) -> list[Rollout]:
+        out: list[Rollout] = []
+        for start in range(0, len(prompts), self.chunk):
+            out += decode(
+                self.model, prompts[start : start + self.chunk], n=n, max_new_tokens=max_new_tokens,
+                eos_token_ids=self.eos, pad_token_id=self.pad, pick=pick,
+            )  # fmt: skip
         return out
 
-    def _generate_chunk(self, prompts: list[list[int]], n: int) -> list[Rollout]:
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), self.pad, dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        for i, p in enumerate(prompts):  # left padding: every prompt continues from its last real token
-            ids[i, width - len(p) :] = torch.tensor(p)
-            attn[i, width - len(p) :] = 1
-        ids, attn = ids.to(self.device), attn.to(self.device)
-        positions = (attn.cumsum(1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self.model.config)
-        logits = self.model(
-            input_ids=ids,
-            attention_mask=attn,
-            position_ids=positions,
-            past_key_values=cache,
-            logits_to_keep=1,
-        ).logits[:, -1]
-        # Each prompt is prefilled once, then its cache is copied for its n rows (grouped by prompt, as
-        # generate's num_return_sequences): prefilling every row did the same work n times.
-        cache.batch_repeat_interleave(n)
-        logits, attn = logits.repeat_interleave(n, 0), attn.repeat_interleave(n, 0)
-        position = positions[:, -1].repeat_interleave(n) + 1
-        rows = len(prompts) * n
-        eos = torch.tensor(self.eos, device=self.device)
-        alive = torch.arange(rows, device=self.device)  # the rows still decoding, in cache order
-        tokens = torch.full((rows, self.max_new_tokens), self.pad, dtype=torch.long, device=self.device)
-        lengths = torch.zeros(rows, dtype=torch.long, device=self.device)
-        for step in range(self.max_new_tokens):
-            token = sample_token(logits, temperature=self.temperature, top_p=self.top_p)
-            tokens[alive, step] = token
-            lengths[alive] += 1
-            going = (~torch.isin(token, eos)).nonzero().squeeze(1)  # the step's one host sync
-            if step == self.max_new_tokens - 1 or len(going) == 0:
-                break
-            if len(going) < len(alive):  # drop the finished rows from the batch and the cache
-                alive, token, attn, position = alive[going], token[going], attn[going], position[going]
-                cache.batch_select_indices(going)
-            attn = torch.cat([attn, attn.new_ones(len(alive), 1)], dim=1)
-            logits = self.model(
-                input_ids=token[:, None], attention_mask=attn, position_ids=position[:, None],
-                past_key_values=cache,
-            ).logits[:, -1]  # fmt: skip
-            position = position + 1
-        return [
-            Rollout(row[:length], truncated=row[length - 1] not in self.eos)
-            for row, length in zip(tokens.tolist(), lengths.tolist())
-        ]
+    def greedy(self, prompts: list[list[int]], *, max_new_tokens: int) -> list[Rollout]:
+        """One greedy response per prompt (evaluation)."""
+        return self._decode(prompts, n=1, max_new_tokens=max_new_tokens, pick=greedy_token)
 
     @torch.no_grad()
     def sync_weights(self, state_dict: dict[str, Tensor]) -> None:
@@ -177,20 +129,6 @@ class HFRolloutEngine:
             raise ValueError(
                 f"weight sync mismatch: missing {sorted(missing)}, unexpected {sorted(unexpected)}"
             )
-
-
-def sample_token(logits: Tensor, *, temperature: float, top_p: float) -> Tensor:
-    """One token per row of logits [B, V]: softmax(logits / temperature), restricted to the top_p nucleus.
-
-    The nucleus is transformers' (TopPLogitsWarper): the smallest set of most probable tokens whose probabilities
-    sum to more than top_p, the most probable token always kept."""
-    logits = logits.float() / temperature
-    if top_p < 1.0:
-        ascending, order = logits.sort(dim=-1)
-        outside = ascending.softmax(-1).cumsum(-1) <= 1 - top_p
-        outside[:, -1] = False
-        logits = logits.masked_fill(outside.scatter(1, order, outside), float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1).squeeze(1)
 
 
 _NOT_SAMPLING = {

@@ -121,6 +121,8 @@ def test_decode_loop_equals_full_forwards_while_rows_finish_at_different_steps(s
     out = eng.generate(prompts, n=2, seed=0)
     assert [r.response_ids for r in out] == [w for w in want for _ in range(2)]
     assert [r.truncated for r in out] == [w[-1] not in eos for w in want for _ in range(2)]
+    # evaluation's greedy decoding is the same loop with argmax
+    assert [r.response_ids for r in eng.greedy(prompts, max_new_tokens=10)] == want
 
 
 @pytest.mark.parametrize(
@@ -133,7 +135,7 @@ def test_decode_loop_equals_full_forwards_while_rows_finish_at_different_steps(s
     ],
 )
 def test_sample_token_follows_temperature_and_nucleus(temperature, top_p, expected):
-    from fastprime.trainer.rollout import sample_token
+    from fastprime.trainer.decode import sample_token
 
     expected = torch.tensor(expected, dtype=torch.float64)
     expected /= expected.sum()
