@@ -24,7 +24,7 @@ def greedy_responses(
 ) -> list[str]:
     """Greedy completions of chat `prompts` (each a list of messages), decoded without special tokens.
 
-    `model` is an HF model, or a rollout engine with `greedy(prompt_ids, max_new_tokens=)` (both engines).
+    `model` is an HF model, or a rollout engine with `greedy(prompt_ids, max_new_tokens=)` (the vllm engine).
 
     Prompts go through the tokenizer's chat template with the generation prompt; an HF model decodes them in
     batches of `batch_size` through decode.py's loop (argmax, at most `max_new_tokens`, stopping at EOS), in

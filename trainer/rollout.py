@@ -28,7 +28,7 @@ from fastprime.trainer import decode_attention
 from fastprime.trainer.batch import Group
 from fastprime.trainer.config import Config
 from fastprime.trainer.data import Prompt, PromptStream
-from fastprime.trainer.decode import Rollout, decode, greedy_token, sample_token
+from fastprime.trainer.decode import Rollout, decode, sample_token
 from fastprime.trainer.diagnostics import outcome_stats
 from fastprime.trainer.filtering import RefillBuffer, group_filter_mask, prompts_to_sample
 from fastprime.trainer.flops import sequence_flops
@@ -106,20 +106,13 @@ class HFRolloutEngine:
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
             pick = partial(sample_token, temperature=self.temperature, top_p=self.top_p)
-            return self._decode(prompts, n=n, max_new_tokens=self.max_new_tokens, pick=pick)
-
-    def _decode(self, prompts: list[list[int]], *, n: int, max_new_tokens: int, pick) -> list[Rollout]:
-        out: list[Rollout] = []
-        for start in range(0, len(prompts), self.chunk):
-            out += decode(
-                self.model, prompts[start : start + self.chunk], n=n, max_new_tokens=max_new_tokens,
-                eos_token_ids=self.eos, pad_token_id=self.pad, pick=pick,
-            )  # fmt: skip
-        return out
-
-    def greedy(self, prompts: list[list[int]], *, max_new_tokens: int) -> list[Rollout]:
-        """One greedy response per prompt (evaluation)."""
-        return self._decode(prompts, n=1, max_new_tokens=max_new_tokens, pick=greedy_token)
+            out: list[Rollout] = []
+            for start in range(0, len(prompts), self.chunk):
+                out += decode(
+                    self.model, prompts[start : start + self.chunk], n=n, max_new_tokens=self.max_new_tokens,
+                    eos_token_ids=self.eos, pad_token_id=self.pad, pick=pick,
+                )  # fmt: skip
+            return out
 
     @torch.no_grad()
     def sync_weights(self, state_dict: dict[str, Tensor]) -> None:

@@ -57,6 +57,7 @@ from fastprime.trainer.passes import Dist, logprob_phase
 from fastprime.trainer.policy import is_on_policy, minibatch_seed, policy_phase
 from fastprime.trainer.prm import prm_phase
 from fastprime.trainer.rollout import (
+    HFRolloutEngine,
     RolloutEngine,
     build_rollout_engine,
     close_engine,
@@ -246,8 +247,10 @@ def evaluate(t: Trainer) -> float | None:
     acc = [None]
     if t.d.rank == 0:
         ec = t.cfg.eval
+        # the hf engine's model decodes in eval.batch_size batches (larger than its sampling chunks: faster)
+        generator = t.engine.model if isinstance(t.engine, HFRolloutEngine) else t.engine  # vllm: greedy()
         acc[0] = greedy_accuracy(
-            t.engine, t.tok, t.eval_rows, max_new_tokens=ec.max_new_tokens, batch_size=ec.batch_size,
+            generator, t.tok, t.eval_rows, max_new_tokens=ec.max_new_tokens, batch_size=ec.batch_size,
             verifier=t.pool,
         )  # fmt: skip
     dist.broadcast_object_list(acc, src=0)

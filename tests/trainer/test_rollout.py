@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from fastprime.trainer.decode import decode, greedy_token
 from fastprime.trainer.demo import build_tiny_model, build_tokenizer
 from fastprime.trainer.rollout import HFRolloutEngine
 
@@ -122,7 +123,16 @@ def test_decode_loop_equals_full_forwards_while_rows_finish_at_different_steps(s
     assert [r.response_ids for r in out] == [w for w in want for _ in range(2)]
     assert [r.truncated for r in out] == [w[-1] not in eos for w in want for _ in range(2)]
     # evaluation's greedy decoding is the same loop with argmax
-    assert [r.response_ids for r in eng.greedy(prompts, max_new_tokens=10)] == want
+    greedy = decode(
+        lm,
+        prompts,
+        n=1,
+        max_new_tokens=10,
+        eos_token_ids=eos,
+        pad_token_id=tok.pad_token_id,
+        pick=greedy_token,
+    )
+    assert [r.response_ids for r in greedy] == want
 
 
 @pytest.mark.parametrize(
