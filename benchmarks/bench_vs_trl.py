@@ -197,9 +197,9 @@ def report(results: dict, args, load_before, load_after, started: str) -> str:
         "# fastprime vs TRL GRPOTrainer, CPU (benchmarks/bench_vs_trl.py)",
         "",
         f"Machine: {platform.machine()} {os.cpu_count()}-core CPU, {platform.platform()}; python "
-        f"{platform.python_version()}; started {started} UTC. The machine was SHARED with other jobs while this "
-        f"ran: load average (1, 5, 15 min) {load_before} before, {load_after} after, on {os.cpu_count()} cores; "
-        "absolute times are inflated and noisy, ratios from alternating runs are the comparable numbers.",
+        f"{platform.python_version()}; started {started} UTC. Load average (1, 5, 15 min) {load_before} before, "
+        f"{load_after} after (the runs' own load included), on {os.cpu_count()} cores. Other jobs inflate "
+        "absolute times; ratios from alternating runs are the comparable numbers.",
         f"Budget: {PROMPTS} prompts x {SAMPLES} samples, <= {NEW_TOKENS} new tokens, lr {LR}, one optimizer "
         f"step per iteration, no filter; {args.runs} alternating runs per side, {args.iterations} iterations "
         "each, the first left out (warm-up); medians over the rest. OMP_NUM_THREADS="
