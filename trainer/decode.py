@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 
 @dataclass
@@ -24,6 +25,61 @@ class Rollout:
 
     response_ids: list[int]
     truncated: bool
+
+
+class ReservedLayer(DynamicLayer):
+    """A DynamicLayer whose keys and values live in a buffer with room for `capacity` positions, so that a decode
+    step writes its position in place: DynamicLayer concatenates, copying the whole cache at every step (on the
+    demo model, 64 prompts x 4 samples: 0.70 -> 0.41 s at 64 new tokens, 8.2 -> 2.4 s at 256)."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity, self.length = capacity, 0
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        if not self.is_initialized:
+            self.dtype, self.device, self.is_initialized = key_states.dtype, key_states.device, True
+            self._keys, self._values = (
+                x.new_empty((*x.shape[:2], self.capacity, x.shape[3])) for x in (key_states, value_states)
+            )
+        end = self.length + key_states.shape[-2]
+        if end > self.capacity:
+            raise RuntimeError(f"KV cache reserved for {self.capacity} positions, asked for {end}")
+        self._keys[:, :, self.length : end] = key_states
+        self._values[:, :, self.length : end] = value_states
+        self.length = end
+        return self._expose()
+
+    def _expose(self) -> tuple[Tensor, Tensor]:
+        self.keys, self.values = self._keys[:, :, : self.length], self._values[:, :, : self.length]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def _rows(self, take) -> None:
+        """New buffers holding take(rows) of the filled positions only."""
+        if self.length == 0:
+            return
+        for name in ("_keys", "_values"):
+            rows = take(getattr(self, name)[:, :, : self.length])
+            buffer = rows.new_empty((*rows.shape[:2], self.capacity, rows.shape[3]))
+            buffer[:, :, : self.length] = rows
+            setattr(self, name, buffer)
+        self._expose()
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._rows(lambda x: x.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        self._rows(lambda x: x[indices])
+
+
+def reserved_cache(model: nn.Module, capacity: int) -> DynamicCache:
+    """A DynamicCache whose full-attention layers are ReservedLayers (sliding-window layers stay as they are)."""
+    cache = DynamicCache(config=model.config)
+    cache.layers = [ReservedLayer(capacity) if type(x) is DynamicLayer else x for x in cache.layers]
+    return cache
 
 
 def sample_token(logits: Tensor, *, temperature: float, top_p: float) -> Tensor:
@@ -68,7 +124,7 @@ def decode(
         attn[i, width - len(p) :] = 1
     ids, attn = ids.to(device), attn.to(device)
     positions = (attn.cumsum(1) - 1).clamp(min=0)
-    cache = DynamicCache(config=model.config)
+    cache = reserved_cache(model, width + max_new_tokens)
     logits = model(
         input_ids=ids, attention_mask=attn, position_ids=positions, past_key_values=cache, logits_to_keep=1
     ).logits[:, -1]
