@@ -35,19 +35,19 @@ class ReservedLayer(DynamicLayer):
 
     def __init__(self, capacity: int) -> None:
         super().__init__()
-        self.capacity, self.length = capacity, 0
+        self.reserve, self.length = capacity, 0
+
+    @property
+    def capacity(self) -> int:
+        return self._keys.shape[2] if self.is_initialized else self.reserve
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
         if not self.is_initialized:
             self.dtype, self.device, self.is_initialized = key_states.dtype, key_states.device, True
-            self.capacity = max(self.capacity, key_states.shape[-2])
-            self._keys, self._values = (
-                x.new_empty((*x.shape[:2], self.capacity, x.shape[3])) for x in (key_states, value_states)
-            )
+            self._keys, self._values = key_states[:, :, :0], value_states[:, :, :0]
         end = self.length + key_states.shape[-2]
         if end > self.capacity:
-            self.capacity = max(end, 2 * self.capacity)
-            self._grow()
+            self._grow(max(end, 2 * self.capacity, self.reserve))
         self._keys[:, :, self.length : end] = key_states
         self._values[:, :, self.length : end] = value_states
         self.length = end
@@ -60,11 +60,11 @@ class ReservedLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self.length
 
-    def _grow(self) -> None:
+    def _grow(self, capacity: int) -> None:
         """New buffers of `capacity` positions holding the filled ones."""
         for name in ("_keys", "_values"):
             old = getattr(self, name)
-            buffer = old.new_empty((*old.shape[:2], self.capacity, old.shape[3]))
+            buffer = old.new_empty((*old.shape[:2], capacity, old.shape[3]))
             buffer[:, :, : self.length] = old[:, :, : self.length]
             setattr(self, name, buffer)
 

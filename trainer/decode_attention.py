@@ -1,4 +1,4 @@
-"""Grouped-query attention for `generate` without copying the KV cache once per step.
+"""Grouped-query attention for the decode loop (decode.py) without copying the KV cache once per step.
 
 transformers' sdpa backend expands the key/value cache to every query head (`repeat_kv`) whenever a mask is
 given, which on CPU is always (left-padded prompts), and in decoding it does so at every step for the whole
