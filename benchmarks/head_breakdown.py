@@ -9,8 +9,8 @@ Prints, for random inputs (never zeros):
   the backward and the elementwise work each get their share;
 - cuBLAS alone on the backward's shapes (one vocab chunk): the logit product h W_c^T, G W_c and G^T h;
 - each candidate config of the forward kernel (whole vocab) and of the logit-gradient kernel (one vocab chunk),
-  launched directly, with its median ms, TFLOP/s and its largest difference from the first config's output
-  (the same function must come out of every tiling; the forward's against an fp32 reference).
+  launched directly, with its median ms, TFLOP/s and its largest difference from an fp32 reference (the same
+  function must come out of every tiling).
 On a CPU (TRITON_INTERPRET=1, small shapes, fp32/fp16) it runs the same steps with a wall-clock timer, which
 checks the script, not the speed.
 """
@@ -109,9 +109,9 @@ def cublas_shapes(h, w, vc) -> dict:
     return {k: (ms := bench_ms(f), flop / ms / 1e9) for k, f in rows.items()}
 
 
-def sweep(kernel, launch, candidates, flop, ref=None) -> list[dict]:
-    """Each config launched directly; its outputs' largest difference from `ref` (else the first config's)."""
-    rows, first = [], ref
+def sweep(kernel, launch, candidates, flop, ref: list) -> list[dict]:
+    """Each config launched directly; its outputs' largest difference from the reference outputs `ref`."""
+    rows = []
     for bn, bv, bd, warps, stages in candidates:
         meta = dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd, num_warps=warps, num_stages=stages)
         name = f"{bn}x{bv}x{bd} w{warps} s{stages}"
@@ -123,9 +123,7 @@ def sweep(kernel, launch, candidates, flop, ref=None) -> list[dict]:
         except Exception as err:  # a config that does not compile or fit: reported, not fatal
             rows.append({"config": name, "error": f"{type(err).__name__}: {str(err)[:120]}"})
             continue
-        if first is None:
-            first = got
-        diff = max(float((a - b).abs().max()) for a, b in zip(got, first))
+        diff = max(float((a - b).abs().max()) for a, b in zip(got, ref))
         rows.append({"config": name, "ms": ms, "tflops": flop / ms / 1e9, "max_diff": diff})
     return rows
 
@@ -200,7 +198,13 @@ def main() -> None:
             )  # fmt: skip
             return [G]
 
-        report["grad_configs"] = sweep(tc._logit_grad_kernel, launch_grad, candidates[1], 2 * n * vc * d)
+        # fp32 reference: G = g (onehot - softmax), the softmax over the whole vocabulary (lse_ref)
+        g_ref = -g[:, None] * torch.exp(h.float() @ w_c.float().T - lse_ref[:, None])
+        inside = tgt < vc
+        g_ref[inside, tgt[inside]] += g[inside]
+        report["grad_configs"] = sweep(
+            tc._logit_grad_kernel, launch_grad, candidates[1], 2 * n * vc * d, ref=[g_ref]
+        )
         for row in report["grad_configs"]:
             print("grad", row, flush=True)
 

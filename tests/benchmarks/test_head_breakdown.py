@@ -1,6 +1,6 @@
 """benchmarks/head_breakdown.py on a CPU (interpreter, small fp32 shape): it runs every part, and each tile config
-it launches by hand computes the function: the forward's log-sum-exp and target logit against an fp32
-reference, the logit gradient against the first config's."""
+it launches by hand computes the function: the forward's log-sum-exp and target logit and the logit gradient,
+each against an fp32 reference."""
 
 import json
 import os
